@@ -1,0 +1,256 @@
+"""Saliency of each view: which patches of a g x g grid hold the object.
+
+SPEC.md section 2. A saliency map `[B, h, w]` is average-pooled to `g x g` patch scores,
+and a patch is foreground when its score is at least `mean - 0.6 * std` of its image's
+scores. Four sources of saliency, chosen with `--saliency` in train.py:
+
+    pretrained  SCDA on a frozen ImageNet ResNet-50 (the paper)
+    self        SCDA on the model's own momentum / target encoder (no external weights)
+    spectral    spectral-residual saliency (Hou & Zhang, CVPR 2007), training-free
+    gt          the true object masks of the synthetic `shapes` data (an oracle)
+
+    >>> import torch, saliency
+    >>> sal = saliency.Saliency("spectral", grid=7)
+    >>> fg = sal(torch.randn(8, 3, 64, 64))          # bool [8, 49], True = foreground
+
+Depends on torch and torchvision only.
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def scda_saliency(feature_map):
+    """SCDA saliency: channel sum of a non-negative feature map. `[B, C, h, w] -> [B, h, w]`."""
+    return feature_map.clamp_min(0).sum(1)
+
+
+def spectral_residual_saliency(images, *, work_size=64):
+    """Spectral-residual saliency (Hou & Zhang 2007), batched. `[B, 3, H, W] -> [B, H, W]`.
+
+    On a grayscale copy downsized so its longer side is at most `work_size` (64 px, as in the
+    original paper): `L = log|FFT(I)|`, `R = L - mean3x3(L)`,
+    `S = blur(|IFFT(exp(R + i * phase))|^2)`, then resized back to `H x W`.
+    Works for any H, W >= 8 and any normalisation of the input (the map is scale-free).
+    """
+    B, _, H, W = images.shape
+    if min(H, W) < 8:
+        raise ValueError(f"spectral saliency needs views of at least 8x8 pixels, got {H}x{W}")
+    gray = images.float().mean(1, keepdim=True)                      # [B,1,H,W]
+    scale = min(1.0, work_size / max(H, W))
+    h, w = max(8, round(H * scale)), max(8, round(W * scale))
+    if (h, w) != (H, W):
+        gray = F.interpolate(gray, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    spectrum = torch.fft.fft2(gray)
+    amplitude = spectrum.abs()
+    # A floor relative to the spectrum: synthetic images (a flat box) have exact spectral
+    # zeros, whose log would dominate the residual; natural images are unaffected.
+    log_amplitude = torch.log(amplitude + 1e-3 * amplitude.mean((-2, -1), keepdim=True))
+    phase = torch.angle(spectrum)
+    # The spectrum is periodic, so the 3x3 local mean wraps around its borders.
+    local_mean = F.avg_pool2d(F.pad(log_amplitude, (1, 1, 1, 1), mode="circular"), 3, stride=1)
+    residual = log_amplitude - local_mean
+    saliency = torch.fft.ifft2(torch.exp(torch.complex(residual, phase))).abs() ** 2
+    sigma = 0.05 * max(h, w)                                         # 3.2 px at 64 px
+    saliency = gaussian_blur(saliency, 2 * math.ceil(3 * sigma) + 1, sigma)
+    if (h, w) != (H, W):
+        saliency = F.interpolate(saliency, size=(H, W), mode="bilinear", align_corners=False)
+    return saliency[:, 0]
+
+
+def patch_scores(saliency, grid):
+    """Average a saliency map over a `grid x grid` patch grid. `[B, h, w] -> [B, grid*grid]`.
+
+    Patch `i = row * grid + col` holds pixel row `y` when `row = floor(y * grid / h)`: the
+    same patches as `masking.patch_to_pixel_mask`, for any `h, w` (multiples of `grid` or not).
+    A map coarser than the grid (a 4x4 feature map, grid 7) is first upsampled bilinearly.
+    """
+    saliency = saliency.float()
+    h, w = saliency.shape[-2:]
+    if h < grid or w < grid:
+        size = (max(h, grid), max(w, grid))
+        saliency = F.interpolate(saliency[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        h, w = size
+
+    def averaging(n):                                                 # [grid, n], rows sum to 1
+        member = F.one_hot(torch.arange(n, device=saliency.device) * grid // n, grid).T.float()
+        return member / member.sum(1, keepdim=True)
+    return (averaging(h) @ saliency @ averaging(w).T).flatten(1)
+
+
+def foreground_patches(scores, std_factor=0.6):
+    """Foreground rule of SPEC.md section 2: `s_i >= mean(s) - std_factor * std(s)` per image.
+
+    `scores: [B, N] -> bool [B, N]`, population std. The rule is applied to the scores in
+    their own patch order; the released code thresholds a row-sorted copy, which marks the
+    wrong patches (see the README).
+    """
+    mean = scores.mean(1, keepdim=True)
+    std = scores.std(1, keepdim=True, unbiased=False)
+    return scores >= mean - std_factor * std
+
+
+def mask_patch_coverage(masks, grid):
+    """Fraction of each patch covered by a binary object mask. `[B, H, W] -> [B, grid*grid]`."""
+    if masks.dim() == 4:                                             # [B, 1, H, W]
+        masks = masks[:, 0]
+    return patch_scores(masks.float(), grid)
+
+
+def gt_foreground_patches(masks, grid):
+    """Oracle foreground from true object masks: bool `[B, grid*grid]`.
+
+    A patch is foreground when the object covers at least half of it; a small object that
+    covers no patch by half still gets its best-covered patch. No object, no foreground.
+    (The mean - 0.6 std rule suits dense saliency maps, not 0/1 coverage: on a small
+    object it would call every empty patch foreground.)
+    """
+    coverage = mask_patch_coverage(masks, grid)
+    threshold = coverage.amax(1, keepdim=True).clamp(max=0.5)
+    return (coverage >= threshold) & (coverage > 0)
+
+
+def blur_matrix(size, kernel_size, sigma, *, device=None, dtype=torch.float32):
+    """`[size, size]` matrix `M` with `M @ v` = 1-D Gaussian blur of `v`, reflect borders.
+
+    Reflect padding (mirror without repeating the edge, as `F.pad(mode="reflect")`) folds
+    into the band of the matrix, for any kernel size.
+    """
+    radius = kernel_size // 2
+    offsets = torch.arange(-radius, radius + 1, device=device)
+    weights = torch.exp(-0.5 * (offsets.to(dtype) / sigma) ** 2)
+    weights = weights / weights.sum()
+    source = torch.arange(size, device=device)[:, None] + offsets          # [size, k]
+    if size > 1:
+        period = 2 * (size - 1)
+        source = source.remainder(period)
+        source = torch.where(source >= size, period - source, source)
+    else:
+        source = torch.zeros_like(source)
+    matrix = torch.zeros(size, size, device=device, dtype=dtype)
+    rows = torch.arange(size, device=device)[:, None].expand_as(source)
+    return matrix.index_put_((rows, source), weights.expand_as(source), accumulate=True)
+
+
+def gaussian_blur(images, kernel_size, sigma):
+    """Gaussian blur of `[..., H, W]` with reflect borders, as torchvision's `gaussian_blur`.
+
+    torchvision's is a dense k x k depthwise convolution, slow on a CPU (256 x 3 x 224 x 224
+    at k = 11: 1.0 s on 2 cores) and growing with k^2; a 1-D blur is a banded matrix, so the
+    blur is two matrix products whose cost does not depend on k (0.28 s) and which agree with
+    torchvision's to 1e-6.
+    """
+    H, W = images.shape[-2:]
+    rows = blur_matrix(H, kernel_size, sigma, device=images.device, dtype=images.dtype)
+    cols = rows if W == H else blur_matrix(W, kernel_size, sigma, device=images.device, dtype=images.dtype)
+    return rows @ (images @ cols.T)
+
+
+# ----------------------------------------------------------------------------- the four sources
+
+SOURCES = ("pretrained", "self", "spectral", "gt")
+
+OFFLINE_HINT = ("download the torchvision ResNet-50 ImageNet weights on a machine with "
+                "internet and pass --saliency-weights PATH, or use an offline source: "
+                "--saliency self | spectral | gt")
+
+
+def load_resnet50_trunk(weights_path=None):
+    """A frozen torchvision ResNet-50 without avgpool and fc, in eval mode.
+
+    `weights_path`: a local state_dict (a plain torchvision ResNet-50 state_dict; a
+    `{"state_dict": ...}` wrapper and `module.` prefixes are accepted). None: torchvision's
+    `ResNet50_Weights.IMAGENET1K_V2`, from the torch hub cache or downloaded. Any failure
+    raises one `RuntimeError` that says what to do.
+    """
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    net = resnet50(weights=None)
+    if weights_path is None:
+        try:
+            state = ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
+        except Exception as error:                                    # no network, bad cache, ...
+            raise RuntimeError(f"--saliency pretrained: could not get the ImageNet ResNet-50 "
+                               f"weights ({type(error).__name__}: {error}); {OFFLINE_HINT}") from None
+    else:
+        if not os.path.isfile(weights_path):
+            raise RuntimeError(f"--saliency-weights {weights_path}: no such file; {OFFLINE_HINT}")
+        try:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise RuntimeError(f"--saliency-weights {weights_path}: not a readable torch state_dict "
+                               f"({type(error).__name__}); save one with "
+                               f"torch.save(resnet50(...).state_dict(), PATH)") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        state = {k.removeprefix("module."): v for k, v in state.items()} if isinstance(state, dict) else state
+    trunk_keys = {k for k in net.state_dict() if not k.startswith("fc.")}
+    missing = sorted(trunk_keys - set(state)) if isinstance(state, dict) else ["<not a dict>"]
+    if missing:
+        raise RuntimeError(f"--saliency-weights {weights_path}: not a torchvision ResNet-50 state_dict "
+                           f"({len(missing)} trunk weights missing, e.g. {missing[0]})")
+    try:
+        net.load_state_dict({k: state[k] for k in trunk_keys}, strict=False)
+    except RuntimeError as error:                                     # shape mismatch
+        raise RuntimeError(f"--saliency-weights {weights_path}: weights do not fit a ResNet-50 "
+                           f"({str(error).splitlines()[-1].strip()})") from None
+    trunk = nn.Sequential(*list(net.children())[:-2])                 # drop avgpool and fc
+    return trunk.eval().requires_grad_(False)
+
+
+class Saliency(nn.Module):
+    """Maps a batch of views to foreground patches, `[B, 3, H, W] -> bool [B, grid*grid]`.
+
+    `source`: one of `SOURCES`. `weights`: local state_dict for `pretrained` (None: torchvision's
+    ImageNet weights). `input_size`: views smaller than this are resized up (shorter side) before
+    the pretrained network, which was trained at 224 px. Views are expected normalised with
+    the ImageNet mean and std, as data.py does.
+
+    Call as `sal(views)`, `sal(views, encoder=model.saliency_encoder)` for `self` (any module
+    with a `feature_map(x)` method), `sal(views, masks=masks)` for `gt` (`[B, H, W]` object masks).
+    """
+
+    def __init__(self, source, grid=7, *, weights=None, input_size=224, std_factor=0.6):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"unknown saliency source {source!r}; choose one of {', '.join(SOURCES)}")
+        self.source, self.grid, self.input_size, self.std_factor = source, grid, input_size, std_factor
+        self.trunk = load_resnet50_trunk(weights) if source == "pretrained" else None
+
+    def train(self, mode=True):                                       # the trunk stays frozen in eval
+        super().train(mode)
+        if self.trunk is not None:
+            self.trunk.eval()
+        return self
+
+    @torch.no_grad()
+    def saliency_map(self, views, *, encoder=None):
+        """The dense map `[B, h, w]` of the source (not for `gt`)."""
+        if self.source == "pretrained":
+            short = min(views.shape[-2:])
+            if short < self.input_size:
+                size = [round(s * self.input_size / short) for s in views.shape[-2:]]
+                views = F.interpolate(views, size=size, mode="bilinear", align_corners=False)
+            return scda_saliency(self.trunk(views))
+        if self.source == "self":
+            if encoder is None:
+                raise ValueError("--saliency self needs the model's encoder: call sal(views, encoder=...)")
+            return scda_saliency(encoder.feature_map(views))
+        if self.source == "spectral":
+            return spectral_residual_saliency(views)
+        raise ValueError("--saliency gt has no dense map; it reads the true masks")
+
+    @torch.no_grad()
+    def forward(self, views, *, encoder=None, masks=None):
+        if self.source == "gt":
+            if masks is None:
+                raise ValueError("--saliency gt needs the true object masks (the shapes dataset)")
+            return gt_foreground_patches(masks, self.grid)
+        scores = patch_scores(self.saliency_map(views, encoder=encoder), self.grid)
+        return foreground_patches(scores, self.std_factor)
