@@ -9,9 +9,12 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import losses
 import masking
+import models
 import saliency
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -373,3 +376,220 @@ def test_masker_shapes_on_odd_sizes(strategy):
     out, pixel_mask = masking.Masker(strategy, 5)(views, None, "positive")   # uniform random masks
     assert out.shape == views.shape and out.dtype == views.dtype
     assert pixel_mask.dtype == torch.bool and pixel_mask.shape[-2:] == (36, 52)
+
+
+# ============================================================================ losses.py
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def cross_entropy_row(logits, target):
+    logits = np.asarray(logits, dtype=np.float64)
+    return np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[target]
+
+
+@pytest.mark.parametrize("use_queue,use_hard", [(False, False), (True, False), (False, True), (True, True)])
+def test_info_nce_equals_the_spec_formula(use_queue, use_hard):
+    rng = np.random.default_rng(0)
+    B, D, K, M, tau, alpha = 6, 8, 10, 3, 0.2, 2.5
+    q, k = rng.normal(size=(B, D)), rng.normal(size=(B, D))
+    queue, hard = rng.normal(size=(K, D)), rng.normal(size=(B, M, D))
+    expected = []
+    for i in range(B):                                                # one row at a time, as SPEC.md writes it
+        row = [unit(q[i]) @ unit(k[i])]
+        if use_queue:
+            row += [unit(q[i]) @ unit(queue[j]) for j in range(K)]
+        if use_hard:
+            row += [alpha * unit(q[i]) @ unit(hard[i, m]) for m in range(M)]
+        expected.append(cross_entropy_row(np.array(row) / tau, 0))
+    got = losses.info_nce(torch.tensor(q), torch.tensor(k), torch.tensor(queue) if use_queue else None,
+                          torch.tensor(hard) if use_hard else None, temperature=tau, alpha=alpha)
+    assert float(got) == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_info_nce_gradient_reaches_q_only_and_falls_as_q_moves_to_k():
+    torch.manual_seed(0)
+    q = torch.randn(8, 16, requires_grad=True)
+    k, queue = torch.randn(8, 16), torch.randn(32, 16).requires_grad_()
+    hard = torch.randn(8, 2, 16).requires_grad_()
+    loss = losses.info_nce(q, k, queue, hard, alpha=2.0)
+    loss.backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    assert queue.grad is None and hard.grad is None
+    closer = losses.info_nce(q.detach() + 0.5 * (k - q.detach()), k, queue, hard, alpha=2.0)
+    assert closer < loss
+
+
+def test_info_nce_is_float32_under_bf16_autocast():
+    q, k = torch.randn(4, 8).bfloat16(), torch.randn(4, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = losses.info_nce(q, k, torch.randn(16, 8).bfloat16(), temperature=0.07)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("M", [0, 2])
+def test_nt_xent_matches_a_direct_computation_with_m_extra_logits(M):
+    rng = np.random.default_rng(1)
+    B, D, tau, alpha = 5, 8, 0.3, 1.7
+    z1, z2, hard = rng.normal(size=(B, D)), rng.normal(size=(B, D)), rng.normal(size=(B, M, D))
+    z = unit(np.concatenate([z1, z2]))
+    expected = []
+    for a in range(2 * B):
+        others = [b for b in range(2 * B) if b != a]                  # self-similarity excluded
+        row = [z[a] @ z[b] / tau for b in others]
+        row += [alpha * z[a] @ unit(hard[a % B, m]) / tau for m in range(M)]
+        assert len(row) == 2 * B - 1 + M
+        expected.append(cross_entropy_row(row, others.index((a + B) % (2 * B))))
+    got = losses.nt_xent(torch.tensor(z1), torch.tensor(z2), tau, torch.tensor(hard) if M else None, alpha)
+    assert float(got) == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_byol_loss_is_two_minus_two_cosine():
+    p, z = torch.randn(6, 8), torch.randn(6, 8)
+    cos = F.cosine_similarity(p, z, dim=1)
+    assert float(losses.byol_loss(p, z)) == pytest.approx(float((2 - 2 * cos).mean()), rel=1e-6)
+    assert float(losses.byol_loss(z * 3, z)) == pytest.approx(0.0, abs=1e-6)
+
+
+# ============================================================================ models.py
+
+def test_queue_is_fifo_and_the_pointer_wraps():
+    moco = models.MoCo(models.ResNetEncoder("resnet18", cifar_stem=True), dim=4, queue_size=12)
+    batches = [l2n(torch.randn(4, 4)) for _ in range(5)]
+    for batch in batches:
+        moco.enqueue(batch)
+    assert int(moco.queue_ptr) == (5 * 4) % 12
+    slots = [(i * 4) % 12 for i in range(2, 5)]                        # the newest 12 keys, in FIFO slots
+    for batch, slot in zip(batches[-3:], slots):
+        assert torch.equal(moco.queue[slot:slot + 4], batch)
+    with pytest.raises(ValueError, match="multiple of the batch size"):
+        moco.enqueue(torch.randn(5, 4))
+
+
+def l2n(x):
+    return F.normalize(x, dim=1)
+
+
+@pytest.mark.parametrize("m", [0.0, 0.9, 1.0])
+def test_momentum_update_is_exact(m):
+    online, target = nn.Linear(5, 3), nn.Linear(5, 3)
+    before = [p.clone() for p in target.parameters()]
+    models.momentum_update(target, online, m)
+    for old, new, theta_q in zip(before, target.parameters(), online.parameters()):
+        if m == 0.0:
+            assert torch.equal(new, theta_q)                          # m = 0 copies
+        elif m == 1.0:
+            assert torch.equal(new, old)                              # m = 1 freezes
+        else:
+            torch.testing.assert_close(new, m * old + (1 - m) * theta_q, rtol=0, atol=1e-7)
+
+
+def test_split_batchnorm_normalises_each_sub_batch_alone_and_equals_bn_in_eval():
+    torch.manual_seed(0)
+    S = 4
+    x = torch.randn(16, 3, 5, 5) * torch.arange(1, 17).view(16, 1, 1, 1)   # very different samples
+    split, plain = models.SplitBatchNorm2d(3, S), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        split.weight.uniform_(0.5, 2)
+        split.bias.uniform_(-1, 1)
+    plain.load_state_dict(split.state_dict(), strict=False)
+    out = split.train()(x)
+    for s in range(S):                                                # sub-batch s: samples s, s+S, ...
+        alone = F.batch_norm(x[s::S], None, None, split.weight, split.bias, training=True)
+        torch.testing.assert_close(out[s::S], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out, plain.train()(x), atol=1e-3)      # not whole-batch BN
+    plain.load_state_dict(split.state_dict(), strict=False)
+    torch.testing.assert_close(split.eval()(x), plain.eval()(x))
+
+
+def test_convert_split_bn_keeps_the_weights():
+    encoder = models.ResNetEncoder("resnet18", cifar_stem=True)
+    reference = encoder.trunk.bn1.weight.clone()
+    models.convert_split_bn(encoder, 2)
+    assert isinstance(encoder.trunk.bn1, models.SplitBatchNorm2d)
+    assert torch.equal(encoder.trunk.bn1.weight, reference)
+    assert not any(type(m) is nn.BatchNorm2d for m in encoder.modules())
+
+
+def test_shuffled_key_forward_restores_the_order():
+    seen = []
+
+    def network(x):                                                   # each image carries its own index
+        seen.append(x[:, 0, 0, 0].clone())
+        return x.mean((1, 2, 3))[:, None]
+
+    images = torch.arange(32.0).view(32, 1, 1, 1).expand(32, 3, 4, 4)
+    torch.manual_seed(0)
+    out = models.forward_shuffled(network, images)
+    assert not torch.equal(seen[0], torch.arange(32.0))               # the network saw a permutation
+    assert torch.equal(out[:, 0], torch.arange(32.0))                 # keys come back in order
+
+
+def test_encoder_shapes_and_cifar_stem():
+    x = torch.randn(2, 3, 32, 32)
+    small = models.ResNetEncoder("resnet18", cifar_stem=True)
+    assert small.feature_map(x).shape == (2, 512, 4, 4) and small(x).shape == (2, 512)
+    assert models.ResNetEncoder("resnet18").feature_map(x).shape == (2, 512, 1, 1)
+    assert models.ResNetEncoder("resnet50", cifar_stem=True).out_dim == 2048
+    with pytest.raises(ValueError, match="choose one of"):
+        models.ResNetEncoder("vit_b_16")
+
+
+def make_framework(name):
+    torch.manual_seed(0)
+    encoder = models.ResNetEncoder("resnet18", cifar_stem=True, bn_splits=2)
+    if name == "moco":
+        return models.MoCo(encoder, queue_size=64, momentum=0.99, temperature=0.2, alpha=2.0)
+    if name == "simclr":
+        return models.SimCLR(encoder, temperature=0.2, alpha=2.0)
+    return models.BYOL(encoder, hidden_dim=256, dim=64, momentum=0.99)
+
+
+@pytest.mark.parametrize("name", ["moco", "simclr", "byol"])
+def test_a_few_steps_of_each_framework_lower_its_loss(name):
+    torch.manual_seed(1)
+    model = make_framework(name).train()
+    query, key = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
+    hard = None if name == "byol" else torch.randn(16, 1, 3, 32, 32)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    history = []
+    for _ in range(6):
+        loss, figures = model(query, key, hard)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[-1] < history[0], history
+    assert "positive_sim" in figures and (hard is None or "hard_negative_sim" in figures)
+
+
+def test_moco_never_enqueues_hard_negatives_and_sends_no_gradient_to_the_key_encoder():
+    model = make_framework("moco").train()
+    query, key = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    hard = torch.randn(8, 2, 3, 32, 32)
+    loss, _ = model(query, key, hard)
+    loss.backward()
+    assert int(model.queue_ptr) == 8                                  # 8 keys, not 8 + 16 hard negatives
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    assert model.encoder_q.trunk.conv1.weight.grad is not None
+
+
+def test_byol_refuses_hard_negatives():
+    model = make_framework("byol")
+    with pytest.raises(ValueError, match="BYOL has no negatives"):
+        model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["moco", "simclr", "byol"])
+def test_frameworks_run_under_bf16_autocast_and_channels_last(name):
+    model = make_framework(name).train().to(memory_format=torch.channels_last)
+    views = [torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    hard = None if name == "byol" else torch.randn(4, 1, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model(*views, hard)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    bn_out = model.backbone.trunk.bn1(views[0].new_empty(4, 64, 8, 8).normal_().contiguous(
+        memory_format=torch.channels_last))
+    assert bn_out.is_contiguous(memory_format=torch.channels_last)    # SplitBN keeps the layout

@@ -1,0 +1,266 @@
+"""ResNet encoders and the three frameworks: MoCo v2, SimCLR, BYOL (SPEC.md section 4).
+
+    >>> import torch, models
+    >>> encoder = models.ResNetEncoder("resnet18", cifar_stem=True, bn_splits=8)
+    >>> moco = models.MoCo(encoder, queue_size=4096, momentum=0.99, temperature=0.1, alpha=2.0)
+    >>> query, key = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
+    >>> hard_negatives = torch.randn(16, 1, 3, 32, 32)           # [B, M, 3, H, W]
+    >>> loss, figures = moco(query, key, hard_negatives)
+
+Each framework's `forward(query, key, hard_negatives=None)` takes image batches (the query is
+the masked view, the key the clean one) and returns the loss and a dict of detached scalars
+worth logging. `backbone` is the encoder to evaluate; `saliency_encoder` the one to use for
+`--saliency self` (the momentum / target encoder: it sees clean views and moves slowly).
+
+Single device: Shuffle-BN needs several GPUs in the release; here `SplitBatchNorm2d`
+normalises `bn_splits` sub-batches separately and the key batch is permuted before the key
+encoder and restored after, which gives the same effect on one device.
+Depends on torch, torchvision and losses.py.
+"""
+import copy
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from losses import byol_loss, info_nce, l2norm, nt_xent
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+# ----------------------------------------------------------------------------- encoders
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that, in training, normalises `num_splits` sub-batches with their own
+    statistics, as `num_splits` GPUs would. Sub-batch s holds samples s, s + S, s + 2S, ...
+    (a view of a contiguous input, no copy; a channels_last input is copied and its layout
+    restored). In eval mode it is BatchNorm2d.
+    Running statistics are the mean over the sub-batches' running statistics.
+    """
+
+    def __init__(self, num_features, num_splits, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        S = self.num_splits
+        if not self.training or S == 1:
+            return super().forward(x)
+        if N % S:
+            raise ValueError(f"batch of {N} does not split into {S} BatchNorm sub-batches: "
+                             f"use a batch size divisible by --bn-splits {S}")
+        running_mean, running_var = self.running_mean.repeat(S), self.running_var.repeat(S)
+        out = F.batch_norm(x.reshape(N // S, C * S, H, W), running_mean, running_var,
+                           self.weight.repeat(S), self.bias.repeat(S), True, self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(running_mean.view(S, C).mean(0))
+            self.running_var.copy_(running_var.view(S, C).mean(0))
+            self.num_batches_tracked += 1
+        out = out.view(N, C, H, W)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)      # keep the caller's layout
+        return out
+
+
+def convert_split_bn(module, num_splits):
+    """Replace every BatchNorm2d of `module` with a SplitBatchNorm2d (same weights and stats)."""
+    if num_splits == 1:
+        return module
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm2d):
+            split = SplitBatchNorm2d(child.num_features, num_splits, eps=child.eps, momentum=child.momentum)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split.to(child.weight.device))
+        else:
+            convert_split_bn(child, num_splits)
+    return module
+
+
+class ResNetEncoder(nn.Module):
+    """A torchvision ResNet without avgpool and fc. `feature_map(x) -> [B, C, h, w]`,
+    `forward(x) -> [B, C]` (global average pool), `out_dim = C`.
+
+    `cifar_stem`: 3x3 conv with stride 1 and no max-pool, for 32-96 px images (MoCo's CIFAR
+    demo); the map of a 32 px image is then 4x4 instead of 1x1.
+    """
+
+    def __init__(self, arch="resnet18", *, cifar_stem=False, bn_splits=1):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        net = getattr(torchvision.models, arch)(weights=None)
+        if cifar_stem:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        self.trunk = nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names))
+        self.out_dim = net.fc.in_features
+        convert_split_bn(self, bn_splits)
+
+    def feature_map(self, x):
+        return self.trunk(x)
+
+    def forward(self, x):
+        return self.feature_map(x).mean((2, 3))
+
+
+def mlp(in_dim, hidden_dim, out_dim, *, batch_norm=False):
+    """Projection head / predictor: Linear, (BatchNorm1d,) ReLU, Linear."""
+    norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), *norm, nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+@torch.no_grad()
+def momentum_update(target, online, momentum):
+    """theta_target <- m * theta_target + (1 - m) * theta_online, for every parameter."""
+    target_params, online_params = list(target.parameters()), list(online.parameters())
+    torch._foreach_mul_(target_params, momentum)
+    torch._foreach_add_(target_params, online_params, alpha=1 - momentum)
+
+
+def frozen_copy(module):
+    """A copy that follows `module` by momentum only: no gradient."""
+    return copy.deepcopy(module).requires_grad_(False)
+
+
+def forward_shuffled(network, images):
+    """Shuffle-BN on one device: the network sees the batch in a random order (so each BN
+    sub-batch mixes other images than the query's), outputs come back in the input order."""
+    perm = torch.randperm(len(images), device=images.device)
+    out = network(images[perm])
+    return out[perm.argsort()]
+
+
+# ----------------------------------------------------------------------------- frameworks
+
+class MoCo(nn.Module):
+    """MoCo v2 with masked hard negatives: query encoder + MLP head, a momentum key encoder,
+    a FIFO queue of K keys. Hard negatives go through the key encoder and are never enqueued.
+    """
+
+    def __init__(self, encoder, *, dim=128, queue_size=65536, momentum=0.999,
+                 temperature=0.2, alpha=2.0):
+        super().__init__()
+        self.encoder_q = encoder
+        self.head_q = mlp(encoder.out_dim, encoder.out_dim, dim)
+        self.encoder_k, self.head_k = frozen_copy(self.encoder_q), frozen_copy(self.head_q)
+        self.momentum, self.temperature, self.alpha = momentum, temperature, alpha
+        self.register_buffer("queue", l2norm(torch.randn(queue_size, dim)))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def backbone(self):
+        return self.encoder_q
+
+    @property
+    def saliency_encoder(self):
+        return self.encoder_k
+
+    def key_network(self, x):
+        return l2norm(self.head_k(self.encoder_k(x)))
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        """FIFO: the newest keys overwrite the oldest; the pointer wraps around."""
+        K, B = len(self.queue), len(keys)
+        if K % B:
+            raise ValueError(f"queue size {K} is not a multiple of the batch size {B}: "
+                             f"choose --queue-size as a multiple of --batch-size")
+        ptr = int(self.queue_ptr)
+        self.queue[ptr:ptr + B] = keys.to(self.queue.dtype)
+        self.queue_ptr.fill_((ptr + B) % K)
+
+    def forward(self, query, key, hard_negatives=None):
+        B = len(query)
+        q = l2norm(self.head_q(self.encoder_q(query)))                   # queries: [B, D]
+        with torch.no_grad():
+            momentum_update(self.encoder_k, self.encoder_q, self.momentum)
+            momentum_update(self.head_k, self.head_q, self.momentum)
+            k = forward_shuffled(self.key_network, key)                  # keys: [B, D]
+            t = None
+            if hard_negatives is not None:                               # hard negatives: [B, M, D]
+                t = forward_shuffled(self.key_network, hard_negatives.flatten(0, 1)).view(B, -1, q.shape[1])
+        # info_nce normalises the queue into a new tensor, so enqueuing in place is safe.
+        loss = info_nce(q, k, self.queue, t, self.temperature, self.alpha)
+        self.enqueue(k)                                                  # never the hard negatives
+        figures = {"positive_sim": (q * k).sum(1).mean().detach(), "queue_ptr": self.queue_ptr.clone()}
+        if t is not None:
+            figures["hard_negative_sim"] = torch.einsum("bd,bmd->bm", q, t).mean().detach()
+        return loss, figures
+
+
+class SimCLR(nn.Module):
+    """SimCLR: one encoder + MLP head, NT-Xent over the 2B views; hard negatives are embedded
+    by the same network without gradient and appended to each anchor's row."""
+
+    def __init__(self, encoder, *, dim=128, temperature=0.2, alpha=2.0):
+        super().__init__()
+        self.encoder = encoder
+        self.head = mlp(encoder.out_dim, encoder.out_dim, dim, batch_norm=True)
+        self.temperature, self.alpha = temperature, alpha
+
+    @property
+    def backbone(self):
+        return self.encoder
+
+    @property
+    def saliency_encoder(self):
+        return self.encoder
+
+    def forward(self, query, key, hard_negatives=None):
+        B = len(query)
+        z1, z2 = self.head(self.encoder(torch.cat([query, key]))).chunk(2)   # [B, D] each
+        t = None
+        if hard_negatives is not None:
+            with torch.no_grad():
+                t = self.head(self.encoder(hard_negatives.flatten(0, 1))).view(B, -1, z1.shape[1])
+        loss = nt_xent(z1, z2, self.temperature, t, self.alpha)
+        figures = {"positive_sim": (l2norm(z1) * l2norm(z2)).sum(1).mean().detach()}
+        if t is not None:
+            figures["hard_negative_sim"] = torch.einsum("bd,bmd->bm", l2norm(z2), l2norm(t)).mean().detach()
+        return loss, figures
+
+
+class BYOL(nn.Module):
+    """BYOL: online encoder + projector + predictor regress a momentum target's projection.
+
+    Symmetric loss. The query (masked) view goes to the online network against the target's
+    key; in the swapped term the online network sees the key and the target the query.
+    BYOL has no negatives, so hard negatives are an error.
+    """
+
+    def __init__(self, encoder, *, dim=256, hidden_dim=4096, momentum=0.99):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = mlp(encoder.out_dim, hidden_dim, dim, batch_norm=True)
+        self.predictor = mlp(dim, hidden_dim, dim, batch_norm=True)
+        self.target_encoder, self.target_projector = frozen_copy(encoder), frozen_copy(self.projector)
+        self.momentum = momentum
+
+    @property
+    def backbone(self):
+        return self.encoder
+
+    @property
+    def saliency_encoder(self):
+        return self.target_encoder
+
+    def forward(self, query, key, hard_negatives=None):
+        if hard_negatives is not None:
+            raise ValueError("BYOL has no negatives, so it cannot use hard negatives: "
+                             "use --num-hard-negatives 0 with --framework byol")
+        views = torch.cat([query, key])
+        p1, p2 = self.predictor(self.projector(self.encoder(views))).chunk(2)
+        with torch.no_grad():
+            momentum_update(self.target_encoder, self.encoder, self.momentum)
+            momentum_update(self.target_projector, self.projector, self.momentum)
+            z1, z2 = self.target_projector(self.target_encoder(views)).chunk(2)
+        loss = byol_loss(p1, z2) + byol_loss(p2, z1)
+        return loss, {"positive_sim": (l2norm(p1) * l2norm(z2)).sum(1).mean().detach()}
+
+
+FRAMEWORKS = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL}
