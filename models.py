@@ -264,3 +264,14 @@ class BYOL(nn.Module):
 
 
 FRAMEWORKS = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL}
+
+
+def build_model(args):
+    """The framework that train.py's flags describe (`args` as train.parse_args makes it)."""
+    encoder = ResNetEncoder(args.arch, cifar_stem=args.stem == "cifar", bn_splits=args.bn_splits)
+    if args.framework == "moco":
+        return MoCo(encoder, queue_size=args.queue_size, momentum=args.moco_momentum,
+                    temperature=args.temperature, alpha=args.alpha)
+    if args.framework == "simclr":
+        return SimCLR(encoder, temperature=args.temperature, alpha=args.alpha)
+    return BYOL(encoder, momentum=args.moco_momentum)

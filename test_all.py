@@ -3,7 +3,9 @@
 Each test asserts a property a reader of the paper cares about; the whole file runs on a
 2-core CPU in well under three minutes.
 """
+import json
 import math
+import pickle
 import urllib.error
 
 import numpy as np
@@ -12,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import data
+import evaluate
 import losses
 import masking
 import models
 import saliency
+import train
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -593,3 +598,230 @@ def test_frameworks_run_under_bf16_autocast_and_channels_last(name):
     bn_out = model.backbone.trunk.bn1(views[0].new_empty(4, 64, 8, 8).normal_().contiguous(
         memory_format=torch.channels_last))
     assert bn_out.is_contiguous(memory_format=torch.channels_last)    # SplitBN keeps the layout
+
+
+# ============================================================================ data.py
+
+def test_shapes_are_deterministic_balanced_and_masked():
+    images, masks, labels = data.make_shapes(300, 32, seed=3)
+    again, _, _ = data.make_shapes(300, 32, seed=3)
+    other, _, _ = data.make_shapes(300, 32, seed=4)
+    assert images.dtype == torch.uint8 and images.shape == (300, 3, 32, 32) and masks.shape == (300, 32, 32)
+    assert torch.equal(images, again) and not torch.equal(images, other)
+    assert torch.bincount(labels, minlength=10).min() >= 15            # every class present
+    coverage = masks.float().mean((1, 2))
+    assert coverage.min() > 0.02 and coverage.max() < 0.8               # an object, never the whole image
+
+
+def test_shape_colour_alone_does_not_give_the_class():
+    images, masks, labels = data.make_shapes(2000, 32, seed=5)
+    colour = (images.float() * masks[:, None]).sum((2, 3)) / masks[:, None].sum((2, 3))   # mean object colour
+    centroids = torch.stack([colour[labels == c].mean(0) for c in range(10)])
+    predicted = torch.cdist(colour, centroids).argmin(1)
+    assert float((predicted == labels).float().mean()) < 0.2           # chance is 0.1
+
+
+def test_two_views_carry_the_mask_through_the_crop():
+    torch.manual_seed(0)
+    _, masks, labels = data.make_shapes(20, 48, seed=6)
+    images = masks[:, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255   # white object, black background
+    views = data.TwoViews(images, masks, labels, 48)
+    moved = 0
+    for i in range(20):
+        view1, view2, mask1, mask2, _ = views[i]
+        for view, mask in ((view1, mask1), (view2, mask2)):
+            assert mask.shape == (48, 48) and mask.dtype == torch.bool
+            if mask.any() and (~mask).any():
+                gray = view.mean(0)
+                assert gray[mask].mean() > gray[~mask].mean() + 0.5     # the object is where the mask says
+        moved += not torch.equal(mask1, masks[i])
+    assert moved >= 15                                                 # the crops really moved the masks
+
+
+def test_batched_augmentation_keeps_masks_aligned_and_draws_per_image():
+    torch.manual_seed(0)
+    _, masks, _ = data.make_shapes(64, 48, seed=7)
+    images = masks[:, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255
+    views, moved = data.BatchedMoCoV2(48)(images, masks)
+    assert views.shape == (64, 3, 48, 48) and moved.shape == (64, 48, 48) and moved.dtype == torch.bool
+    gray = views.mean(1)
+    for i in range(64):
+        if moved[i].any() and (~moved[i]).any():
+            assert gray[i][moved[i]].mean() > gray[i][~moved[i]].mean() + 0.5
+    assert sum(not torch.equal(moved[i], masks[i]) for i in range(64)) >= 48     # each image its own crop
+    again, _ = data.BatchedMoCoV2(48)(images, masks)
+    assert not torch.equal(views, again)
+
+
+def write_cifar(root, name):
+    rng = np.random.default_rng(0)
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if name == "cifar10" else ["train", "test"]
+    key = "labels" if name == "cifar10" else "fine_labels"
+    written = {}
+    for f in files:
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), key: list(rng.integers(0, 10, 4))}
+        with open(folder / f, "wb") as out:
+            pickle.dump(batch, out)
+        written[f] = batch
+    return written, key
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loader_reads_the_python_pickles(tmp_path, name):
+    written, key = write_cifar(tmp_path, name)
+    images, labels = data.load_cifar(str(tmp_path), name, train=True)
+    first = "data_batch_1" if name == "cifar10" else "train"
+    assert images.shape == ((20 if name == "cifar10" else 4), 3, 32, 32)
+    assert torch.equal(images[0].flatten(), torch.from_numpy(written[first]["data"][0]))
+    assert labels[:4].tolist() == list(written[first][key])
+    test_images, _ = data.load_cifar(str(tmp_path), name, train=False)
+    assert len(test_images) == 4
+
+
+def test_stl10_loader_reads_column_major_binaries(tmp_path):
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    images = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8)
+    images[0, :, :10, :] = 255                                          # top rows white: orientation check
+    for split in ("train", "test", "unlabeled"):
+        images.transpose(2, 3).contiguous().numpy().tofile(folder / f"{split}_X.bin")
+    np.array([1, 2, 10], dtype=np.uint8).tofile(folder / "train_y.bin")
+    loaded, labels = data.load_stl10(str(tmp_path), "train")
+    assert torch.equal(loaded, images) and labels.tolist() == [0, 1, 9]
+    assert data.load_stl10(str(tmp_path), "unlabeled")[1].tolist() == [-1, -1, -1]
+    assert len(data.pretrain_dataset("stl10", str(tmp_path), 96)) == 6  # unlabeled + train
+
+
+def test_imagefolder_loader_reads_class_folders(tmp_path):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+            (tmp_path / split / f"class{c}").mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (40, 30), colour).save(tmp_path / split / f"class{c}" / f"{i}.png")
+    train_set, test_set = data.eval_datasets("imagefolder", str(tmp_path), 24)
+    image, label = test_set[3]
+    assert image.shape == (3, 24, 24) and label == 1 and image[2].mean() > image[0].mean()
+    view1, view2, _, _, _ = data.pretrain_dataset("imagefolder", str(tmp_path), 24)[0]
+    assert view1.shape == view2.shape == (3, 24, 24)
+
+
+@pytest.mark.parametrize("name,expected", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
+                                           ("stl10", "stl10_binary"), ("imagefolder", "train/<class>")])
+def test_missing_data_names_the_expected_files(tmp_path, name, expected):
+    with pytest.raises(data.DataError, match=expected.replace("<", ".").replace(">", ".")):
+        data.pretrain_dataset(name, str(tmp_path), 32)
+
+
+# ============================================================================ evaluate.py
+
+def test_knn_and_linear_probe_on_separable_and_random_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 32, generator=g) * 4
+    labels = torch.randint(5, (600,), generator=g)
+    features = centres[labels] + torch.randn(600, 32, generator=g)
+    train_x, train_y, test_x, test_y = features[:500], labels[:500], features[500:], labels[500:]
+    assert evaluate.knn_accuracy(train_x, train_y, test_x, test_y, k=20) > 95
+    assert evaluate.linear_probe(train_x, train_y, test_x, test_y, epochs=10) > 95
+    shuffled = train_y[torch.randperm(500, generator=g)]
+    assert evaluate.knn_accuracy(train_x, shuffled, test_x, test_y, k=20) < 45
+
+
+# ============================================================================ train.py
+
+def run_train(tmp_path, *extra, out="run"):
+    argv = ["--shapes-size", "128", "64", "--image-size", "32", "--stem", "imagenet", "--batch-size", "32",
+            "--bn-splits", "2", "--queue-size", "64", "--workers", "0", "--log-every", "0",
+            "--out", str(tmp_path / out), *extra]
+    return train.main(argv)
+
+
+def losses_of(folder):
+    with open(folder / "metrics.jsonl") as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_resume_gives_the_same_losses_as_an_unbroken_run(tmp_path):
+    run_train(tmp_path, "--epochs", "2", out="whole")
+    run_train(tmp_path, "--epochs", "2", "--max-steps", "4", out="broken")      # killed after epoch 1
+    run_train(tmp_path, "--epochs", "2", "--resume", str(tmp_path / "broken" / "last.pt"), out="broken")
+    whole, broken = losses_of(tmp_path / "whole"), losses_of(tmp_path / "broken")
+    assert sorted(whole) == sorted(broken) == list(range(1, 9))
+    assert whole == broken
+    assert (tmp_path / "whole" / "views_epoch2.png").is_file()
+
+
+def test_max_steps_stop_inside_an_epoch_resumes_at_the_next_batch(tmp_path):
+    run_train(tmp_path, "--epochs", "1", out="whole")
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "2", out="broken")
+    result = run_train(tmp_path, "--epochs", "1", "--resume", str(tmp_path / "broken" / "last.pt"), out="broken")
+    assert result["step"] == 4 and losses_of(tmp_path / "whole") == losses_of(tmp_path / "broken")
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    forward = models.MoCo.forward
+    calls = []
+
+    def poisoned(self, *args):
+        loss, figures = forward(self, *args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 6 else loss), figures
+    monkeypatch.setattr(models.MoCo, "forward", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        run_train(tmp_path, "--epochs", "3")
+    assert stop.value.code == 1 and "at step 6" in capsys.readouterr().err
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert checkpoint["step"] == 4                                       # the end of epoch 1, intact
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "mnist"], "invalid choice"),
+    (["--batch-size", "30", "--bn-splits", "8"], "does not divide"),
+    (["--batch-size", "48", "--bn-splits", "8", "--queue-size", "100"], "not a multiple"),
+    (["--mask-ratio", "0.3", "1.2"], "0 <= LO <= HI <= 1"),
+    (["--hard-negative-ratio", "0.7", "0.4"], "0 <= LO <= HI <= 1"),
+    (["--framework", "byol", "--num-hard-negatives", "1"], "BYOL has no negatives"),
+    (["--masking", "random", "--num-hard-negatives", "1"], "need --masking saliency"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "cifar-10-batches-py"),
+    (["--saliency", "gt", "--dataset", "cifar10"], "only --dataset shapes"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no GPU")]))
+def test_bad_flags_fail_with_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys):
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "1")
+    checkpoint = str(tmp_path / "run" / "last.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    cases = [(["--resume", checkpoint, "--framework", "simclr"], "--framework moco"),
+             (["--resume", checkpoint, "--arch", "resnet34"], "--arch resnet18"),
+             (["--resume", str(tmp_path / "junk.pt")], "unreadable"),
+             (["--resume", str(tmp_path / "none.pt")], "no such file"),
+             ([], "last.pt exists")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            run_train(tmp_path, "--epochs", "2", *extra)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and message in err and "\n" not in err
+
+
+def test_evaluate_reads_everything_from_the_checkpoint(tmp_path):
+    run_train(tmp_path, "--epochs", "1", "--augment", "torchvision")       # the reference augmentation
+    results = evaluate.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--probe-epochs", "3"])
+    assert 0 <= results["knn_top1"] <= 100 and 0 <= results["linear_top1"] <= 100
+    quality = results["saliency_quality"]
+    assert quality["gt"] == {"iou": 100.0, "precision": 100.0}
+    assert set(quality) >= {"spectral", "self", "gt"}
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["knn_top1"] == results["knn_top1"]
+
+
+def test_supervised_baseline_reports_its_three_figures():
+    results = evaluate.supervised_baseline(image_size=32, epochs=1, batch_size=64, shapes_size=(256, 128))
+    assert set(results) >= {"supervised_top1", "supervised_knn_top1", "random_init_knn_top1"}
+    assert all(0 <= results[k] <= 100 for k in ("supervised_top1", "supervised_knn_top1", "random_init_knn_top1"))

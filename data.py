@@ -1,0 +1,381 @@
+"""Datasets and the MoCo v2 augmentation, scaled to the image size.
+
+    shapes       generated here: 10 classes of shapes on textured backgrounds, with their
+                 true object masks (no download, no files); the default
+    cifar10/100  the python pickles of `cifar-10-batches-py` / `cifar-100-python`
+    stl10        the binaries of `stl10_binary` (pre-training on `unlabeled` + `train`)
+    imagefolder  DATA_DIR/train/<class>/*.jpg and DATA_DIR/val/<class>/*.jpg (ImageNet-100)
+
+    >>> import data
+    >>> train = data.pretrain_dataset("shapes", image_size=64)    # two views + masks + label
+    >>> view1, view2, mask1, mask2, label = train[0]
+
+Every view is normalised with the ImageNet mean and std (what the pretrained saliency
+network expects), whatever the dataset. Depends on torch, torchvision and numpy.
+"""
+import functools
+import math
+import os
+import pickle
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+DATASETS = ("shapes", "cifar10", "cifar100", "stl10", "imagefolder")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Ten shapes that differ in structure (holes, arms, corners, elongation), not only in the
+# number of polygon sides: at 32 px a rotated pentagon, hexagon and circle look alike.
+SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "crescent", "bar", "L", "T")
+
+
+class DataError(Exception):
+    """Missing or unreadable data; the message says what to put where."""
+
+
+# ----------------------------------------------------------------------------- shapes
+
+@functools.lru_cache(maxsize=4)                  # train.py's kNN and pre-training share them
+def make_shapes(num_images, image_size=64, seed=0, *, chunk=1000):
+    """Generate the `shapes` dataset: uint8 images `[n, 3, S, S]`, bool masks `[n, S, S]`,
+    labels `[n]` (an index into SHAPE_CLASSES). Deterministic from `seed`, batched.
+
+    A shape of random size (radius 25-45 % of the side), position, rotation and colour lies
+    on a random smooth texture, with a little pixel noise. Object and background colours come
+    from one palette of 6 hues for every image, drawn independently of the class, so colour
+    gives neither the class nor the instance: a view pair can only be matched by its shape
+    (per-image random colours let contrastive learning match views by colour and learn
+    nothing about shape; measured in the README).
+    """
+    g = torch.Generator().manual_seed(seed)
+    images, masks, labels = [], [], []
+    for start in range(0, num_images, chunk):
+        n = min(chunk, num_images - start)
+        label = torch.randint(len(SHAPE_CLASSES), (n,), generator=g)
+        mask = _shape_masks(label, image_size, g)
+        object_colour = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
+        tint = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
+        texture = _texture(n, image_size, g, cells=4)                 # [n, 1, S, S] luminance
+        background = (0.45 + 0.2 * texture) * (0.5 + 0.5 * tint)
+        shading = 0.8 + 0.4 * _texture(n, image_size, g)
+        image = torch.where(mask[:, None], object_colour * shading, background)
+        image = image + 0.03 * torch.randn(image.shape, generator=g)
+        images.append((image.clamp(0, 1) * 255).round().to(torch.uint8))
+        masks.append(mask)
+        labels.append(label)
+    return torch.cat(images), torch.cat(masks), torch.cat(labels)
+
+
+# Six saturated hues: the only colours of the dataset.
+PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.9, 0.8, 0.1], [0.3, 0.8, 0.3],
+                        [0.2, 0.7, 0.9], [0.4, 0.3, 0.9], [0.9, 0.4, 0.8]])
+
+
+def _texture(n, size, g, cells=8):
+    """Smooth random luminance fields in [0, 1], `[n, 1, S, S]`: low-resolution noise of
+    `cells x cells`, upsampled, so a crop of a fifth of the image sees a different pattern."""
+    low = torch.rand(n, 1, cells, cells, generator=g)
+    return F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _shape_masks(label, size, g):
+    """bool `[n, S, S]`: shape `label` at a random centre, radius and rotation."""
+    n = len(label)
+    radius = size * (0.25 + 0.2 * torch.rand(n, generator=g))
+    cy = radius + (size - 2 * radius) * torch.rand(n, generator=g)
+    cx = radius + (size - 2 * radius) * torch.rand(n, generator=g)
+    angle = 2 * math.pi * torch.rand(n, generator=g)
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    y = (coords[None, :, None] - cy[:, None, None]) / radius[:, None, None]     # [n, S, 1]
+    x = (coords[None, None, :] - cx[:, None, None]) / radius[:, None, None]     # [n, 1, S]
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    u, v = x * cos + y * sin, -x * sin + y * cos                                # rotated frame
+    rho, theta = torch.sqrt(u ** 2 + v ** 2), torch.atan2(v, u)
+
+    def polygon(sides):                                               # regular polygon, circumradius 1
+        wedge = 2 * math.pi / sides
+        return rho * torch.cos(torch.remainder(theta, wedge) - wedge / 2) <= math.cos(math.pi / sides)
+
+    def box(u0, u1, v0, v1):
+        return (u >= u0) & (u <= u1) & (v >= v0) & (v <= v1)
+
+    inside = torch.stack([
+        rho <= 0.9,                                                   # circle
+        box(-0.7, 0.7, -0.7, 0.7),                                    # square
+        polygon(3),                                                   # triangle
+        box(-0.28, 0.28, -1, 1) | box(-1, 1, -0.28, 0.28),            # cross
+        (rho <= 1) & (rho >= 0.6),                                    # ring
+        rho <= 0.5 + 0.5 * torch.cos(5 * theta),                      # star
+        (rho <= 0.95) & ((u - 0.45) ** 2 + v ** 2 > 0.7 ** 2),        # crescent
+        box(-1, 1, -0.25, 0.25),                                      # bar
+        box(-0.8, -0.3, -0.9, 0.9) | box(-0.8, 0.8, 0.4, 0.9),        # L
+        box(-0.9, 0.9, -0.9, -0.45) | box(-0.25, 0.25, -0.9, 0.9),    # T
+    ], dim=1)                                                         # [n, 10, S, S]
+    return inside[torch.arange(n), label]
+
+
+# ----------------------------------------------------------------------------- real datasets
+
+def _unpickle(path):
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def load_cifar(data_dir, name, train, download=False):
+    """CIFAR-10/100 from the python pickles: uint8 `[n, 3, 32, 32]`, labels `[n]`."""
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    files = ([f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]) \
+        if name == "cifar10" else (["train"] if train else ["test"])
+    paths = [os.path.join(data_dir, folder, f) for f in files]
+    if download and not all(map(os.path.isfile, paths)):
+        import torchvision.datasets as tvd
+        (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(data_dir, train=train, download=True)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"--dataset {name}: missing {missing[0]}; put the python version of "
+                        f"{name.upper()} in {os.path.join(data_dir, folder)} or add --download")
+    key = "labels" if name == "cifar10" else "fine_labels"
+    try:
+        batches = [_unpickle(p) for p in paths]
+        images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([b[key] for b in batches])
+    except Exception as error:
+        raise DataError(f"--dataset {name}: cannot read {paths[0]} ({type(error).__name__}); "
+                        f"re-download it with --download") from None
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_stl10(data_dir, split, download=False):
+    """STL-10 binaries: uint8 `[n, 3, 96, 96]`, labels `[n]` (-1 for `unlabeled`)."""
+    folder = os.path.join(data_dir, "stl10_binary")
+    if download and not os.path.isdir(folder):
+        import torchvision.datasets as tvd
+        tvd.STL10(data_dir, split="train", download=True)
+    path = os.path.join(folder, f"{split}_X.bin")
+    if not os.path.isfile(path):
+        raise DataError(f"--dataset stl10: missing {path}; put the STL-10 binaries in {folder} "
+                        f"or add --download")
+    # Stored column-major per image: [n, 3, 96(w), 96(h)], so swap the last two axes.
+    images = np.fromfile(path, dtype=np.uint8)
+    if images.size % (3 * 96 * 96):
+        raise DataError(f"--dataset stl10: {path} is truncated ({images.size} bytes); re-download it")
+    images = torch.from_numpy(images.reshape(-1, 3, 96, 96)).transpose(2, 3).contiguous()
+    label_path = os.path.join(folder, f"{split}_y.bin")
+    if os.path.isfile(label_path):
+        labels = torch.from_numpy(np.fromfile(label_path, dtype=np.uint8).astype(np.int64) - 1)
+    else:
+        labels = torch.full((len(images),), -1, dtype=torch.long)
+    return images, labels
+
+
+def load_imagefolder(data_dir, split):
+    from torchvision.datasets import ImageFolder
+    root = os.path.join(data_dir, split)
+    try:
+        return ImageFolder(root)
+    except (FileNotFoundError, OSError) as error:
+        raise DataError(f"--dataset imagefolder: {root} ({error}); expected images as "
+                        f"{data_dir}/train/<class>/*.jpg and {data_dir}/val/<class>/*.jpg") from None
+
+
+def load_split(name, data_dir, train, *, image_size=64, download=False, shapes_size=(20000, 5000)):
+    """Raw data of one split: `(images uint8 [n,3,H,W] or an ImageFolder, masks or None, labels)`.
+    For pre-training on stl10, `train` takes the unlabeled and train splits together."""
+    if name == "shapes":
+        images, masks, labels = make_shapes(shapes_size[0 if train else 1], image_size, seed=0 if train else 1)
+        return images, masks, labels
+    if name in ("cifar10", "cifar100"):
+        images, labels = load_cifar(data_dir, name, train, download)
+        return images, None, labels
+    if name == "stl10":
+        images, labels = load_stl10(data_dir, "train" if train else "test", download)
+        return images, None, labels
+    if name == "imagefolder":
+        folder = load_imagefolder(data_dir, "train" if train else "val")
+        return folder, None, torch.tensor(folder.targets)
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def moco_v2_augmentation(image_size):
+    """MoCo v2 augmentation (SPEC.md section 5) for `image_size` views, torchvision v2.
+
+    RandomResizedCrop scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2,
+    Gaussian blur p 0.5 with sigma [0.1, 2] x image_size / 224 and a kernel of ~10 % of the
+    side (23 px at 224), flip. Geometric transforms also move a `tv_tensors.Mask`.
+    """
+    kernel = max(3, round(0.1 * image_size) // 2 * 2 + 1)
+    scale = image_size / 224
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1 * scale, 2.0 * scale))], p=0.5),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(MEAN, STD),
+    ])
+
+
+def eval_transform(image_size):
+    """Resize (shorter side) and centre-crop to `image_size`, normalise."""
+    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+class BatchedMoCoV2:
+    """The MoCo v2 augmentation of `moco_v2_augmentation`, for a whole batch at once on its
+    device (`--augment batched`): no per-image Python, so data keeps up with a GPU.
+
+    `views, masks = augment(images_uint8 [B,3,H,W], masks bool [B,H,W] or None)`. Each image
+    draws its own crop (scale (0.2, 1), ratio (3/4, 4/3)), flip, jitter, grayscale and blur
+    sigma. Differences from torchvision, for speed: the crop and flip are one bilinear
+    `grid_sample` (no antialiasing), the jitter is applied in a fixed order (brightness,
+    contrast, saturation, hue) and hue is a rotation of the YIQ chroma plane.
+    """
+
+    def __init__(self, image_size):
+        self.size = image_size
+        self.blur_kernel = max(3, round(0.1 * image_size) // 2 * 2 + 1)
+        self.sigma = (0.1 * image_size / 224, 2.0 * image_size / 224)
+
+    def __call__(self, images, masks=None):
+        B, device = len(images), images.device
+        u = lambda *shape: torch.rand(*shape, device=device)
+        x = images.float() / 255
+        # Random resized crop + flip as one affine map from output to input coordinates.
+        area = 0.2 + 0.8 * u(B)
+        ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u(B))
+        w, h = torch.sqrt(area * ratio).clamp(max=1), torch.sqrt(area / ratio).clamp(max=1)
+        cx, cy = (1 - w) * (2 * u(B) - 1), (1 - h) * (2 * u(B) - 1)        # centres, in [-1, 1]
+        flip = torch.where(u(B) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(B, 2, 3, device=device)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+        grid = F.affine_grid(theta, (B, 3, self.size, self.size), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if masks is not None:
+            masks = F.grid_sample(masks[:, None].float(), grid, mode="nearest", align_corners=False)[:, 0] > 0.5
+        # Colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, per image.
+        jitter = (u(B) < 0.8)[:, None, None, None]
+        factor = lambda s: (1 + s * (2 * u(B) - 1))[:, None, None, None]
+        gray = lambda t: (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])
+        y = (x * factor(0.4)).clamp(0, 1)
+        y = ((y - gray(y).mean((2, 3), keepdim=True)) * factor(0.4) + gray(y).mean((2, 3), keepdim=True)).clamp(0, 1)
+        y = ((y - gray(y)) * factor(0.4) + gray(y)).clamp(0, 1)
+        y = _rotate_hue(y, 2 * math.pi * 0.1 * (2 * u(B) - 1)).clamp(0, 1)
+        x = torch.where(jitter, y, x)
+        x = torch.where((u(B) < 0.2)[:, None, None, None], gray(x).expand_as(x), x)   # grayscale p 0.2
+        x = torch.where((u(B) < 0.5)[:, None, None, None], self._blur(x, u(B)), x)    # blur p 0.5
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        return (x - mean) / std, masks
+
+    def _blur(self, x, u):
+        """Separable Gaussian blur with one sigma per image, as a grouped convolution."""
+        B, C, H, W = x.shape
+        sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u          # [B]
+        r = self.blur_kernel // 2
+        taps = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+        kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
+        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)    # [B*C, k]
+        out = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
+        out = F.conv2d(out, kernel[:, None, None, :], groups=B * C)
+        out = F.conv2d(out, kernel[:, None, :, None], groups=B * C)
+        return out.view(B, C, H, W)
+
+
+def _rotate_hue(x, angle):
+    """Hue shift by `angle` radians per image: rotate the chroma (I, Q) plane of YIQ."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                          device=x.device)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotation = torch.zeros(len(x), 3, 3, device=x.device)
+    rotation[:, 0, 0] = 1
+    rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = cos, -sin, sin, cos
+    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq                     # [B, 3, 3]
+    return torch.einsum("bij,bjhw->bihw", matrix, x)
+
+
+class Raw(torch.utils.data.Dataset):
+    """Unaugmented uint8 images for `--augment batched`: `(image, image, mask, mask, label)`,
+    the same item layout as TwoViews; train.py augments the batch on the device."""
+
+    def __init__(self, images, masks, labels):
+        self.images, self.masks, self.labels = images, masks, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        mask = self.masks[i] if self.masks is not None else torch.zeros(0)
+        return self.images[i], self.images[i], mask, mask, self.labels[i]
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """Two augmented views of each image, with the object mask carried through each view's
+    geometric transforms. Item: `(view1, view2, mask1, mask2, label)`; masks are bool
+    `[S, S]`, or empty `[0]` tensors for datasets without masks."""
+
+    def __init__(self, images, masks, labels, image_size):
+        self.images, self.masks, self.labels = images, masks, labels
+        self.transform = moco_v2_augmentation(image_size)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def _image(self, i):
+        if isinstance(self.images, torch.Tensor):
+            return tv_tensors.Image(self.images[i])
+        return v2.functional.to_image(self.images[i][0])             # ImageFolder: (PIL, label)
+
+    def __getitem__(self, i):
+        image = self._image(i)
+        if self.masks is None:
+            return self.transform(image), self.transform(image), torch.zeros(0), torch.zeros(0), self.labels[i]
+        mask = tv_tensors.Mask(self.masks[i])
+        view1, mask1 = self.transform(image, mask)
+        view2, mask2 = self.transform(image, mask)
+        return view1, view2, mask1.as_subclass(torch.Tensor), mask2.as_subclass(torch.Tensor), self.labels[i]
+
+
+class Plain(torch.utils.data.Dataset):
+    """Evaluation view of each image: `(image, label)`, or `(image, mask, label)` with masks."""
+
+    def __init__(self, images, masks, labels, image_size):
+        self.images, self.masks, self.labels = images, masks, labels
+        self.transform = eval_transform(image_size)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.images[i] if isinstance(self.images, torch.Tensor) else v2.functional.to_image(self.images[i][0])
+        if self.masks is None:
+            return self.transform(image), self.labels[i]
+        image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(self.masks[i]))
+        return image, mask.as_subclass(torch.Tensor), self.labels[i]
+
+
+def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, batched=False, **kwargs):
+    """Two views per image (TwoViews), or with `batched` the raw images (Raw) for
+    BatchedMoCoV2. `batched` needs same-size tensor images: not imagefolder."""
+    images, masks, labels = load_split(name, data_dir, True, image_size=image_size, download=download, **kwargs)
+    if name == "stl10":                                               # pre-train on unlabeled + train
+        unlabeled, no_labels = load_stl10(data_dir, "unlabeled")
+        images, labels = torch.cat([unlabeled, images]), torch.cat([no_labels, labels])
+    if batched:
+        if not isinstance(images, torch.Tensor):
+            raise DataError(f"--augment batched needs a tensor dataset; {name} is read image by "
+                            f"image: use --augment torchvision")
+        return Raw(images, masks, labels)
+    return TwoViews(images, masks, labels, image_size)
+
+
+def eval_datasets(name, data_dir="data", image_size=64, **kwargs):
+    """`(train, test)` evaluation datasets: the labelled train split (kNN memory, probe
+    training) and the test split."""
+    splits = [load_split(name, data_dir, train, image_size=image_size, **kwargs) for train in (True, False)]
+    return tuple(Plain(*split, image_size) for split in splits)

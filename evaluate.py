@@ -1,0 +1,230 @@
+"""Evaluate a pre-trained encoder: kNN, linear probe, and saliency quality on `shapes`.
+
+    python evaluate.py --checkpoint runs/shapes-moco/last.pt
+
+The checkpoint carries its training flags, so nothing else is needed. Prints one JSON
+object and writes it next to the checkpoint (`eval.json`). With `--strategy hp` training,
+evaluation inputs are high-pass filtered as in the paper.
+
+Importable: `extract_features`, `knn_accuracy`, `linear_probe`, `saliency_quality`.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import masking
+import models
+import saliency
+
+
+@torch.no_grad()
+def extract_features(encoder, loader, device, *, transform=None):
+    """Pooled features of every image: `(features [N, C] float32, labels [N])`, in eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    features, labels = [], []
+    for batch in loader:
+        images = batch[0].to(device, non_blocking=True)
+        if transform is not None:
+            images = transform(images)
+        features.append(encoder(images).float().cpu())
+        labels.append(batch[-1])
+    encoder.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_accuracy(train_features, train_labels, test_features, test_labels, *, k=200,
+                 temperature=0.1, chunk=1024):
+    """Weighted kNN top-1 (%) as in MoCo's CIFAR demo: cosine similarity, the k nearest
+    training features vote for their label with weight `exp(sim / temperature)`."""
+    num_classes = int(train_labels.max()) + 1
+    bank = F.normalize(train_features, dim=1)
+    k = min(k, len(bank))
+    correct = 0
+    for start in range(0, len(test_features), chunk):
+        query = F.normalize(test_features[start:start + chunk], dim=1)
+        sim, index = (query @ bank.T).topk(k, dim=1)                  # [n, k]
+        votes = torch.zeros(len(query), num_classes)
+        votes.scatter_add_(1, train_labels[index], (sim / temperature).exp())
+        correct += int((votes.argmax(1) == test_labels[start:start + chunk]).sum())
+    return 100.0 * correct / len(test_features)
+
+
+def linear_probe(train_features, train_labels, test_features, test_labels, *, epochs=100,
+                 lr=30.0, batch_size=256, weight_decay=0.0, milestones=(60, 80), seed=0):
+    """Linear classifier on frozen, cached features: top-1 (%) on the test features.
+
+    SPEC.md section 5: SGD momentum 0.9, lr 30, batch 256, 100 epochs, lr x0.1 at 60 and 80,
+    no weight decay. The features are standardised with the training mean and std (the
+    role of MoCo's fixed BN before the classifier), so lr 30 is stable for any encoder.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    x_train, x_test = (train_features - mean) / std, (test_features - mean) / std
+    classifier = torch.nn.Linear(x_train.shape[1], int(train_labels.max()) + 1)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=0.1)
+    for _ in range(epochs):
+        order = torch.randperm(len(x_train), generator=g)
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            loss = F.cross_entropy(classifier(x_train[index]), train_labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    with torch.no_grad():
+        return 100.0 * float((classifier(x_test).argmax(1) == test_labels).float().mean())
+
+
+@torch.no_grad()
+def saliency_quality(sources, loader, device, grid, *, encoder=None):
+    """IoU and precision (%) of each source's foreground patches against the true object
+    patches (`saliency.gt_foreground_patches`), averaged over the images of `loader`
+    (items `(image, mask, label)`). `sources`: name -> Saliency module."""
+    totals = {name: {"iou": 0.0, "precision": 0.0} for name in sources}
+    count = 0
+    for images, masks, _ in loader:
+        images, masks = images.to(device), masks.to(device)
+        truth = saliency.gt_foreground_patches(masks, grid)
+        for name, source in sources.items():
+            fg = source(images, encoder=encoder, masks=masks)
+            overlap = (fg & truth).sum(1).float()
+            union = (fg | truth).sum(1).float().clamp(min=1)
+            totals[name]["iou"] += float((overlap / union).sum())
+            totals[name]["precision"] += float((overlap / fg.sum(1).float().clamp(min=1)).sum())
+        count += len(images)
+    return {name: {key: round(100 * value / count, 2) for key, value in figures.items()}
+            for name, figures in totals.items()}
+
+
+def fail(message):
+    """A user-facing error: one line on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def supervised_baseline(dataset="shapes", *, arch="resnet18", image_size=32, epochs=5, batch_size=128,
+                        lr=0.1, device="cpu", shapes_size=(20000, 5000), seed=0):
+    """How hard a dataset is: a ResNet trained with labels (MoCo v2 augmentation, SGD,
+    cosine), then its test top-1 (%) and the kNN top-1 (%) of its features and of a
+    random-init encoder of the same architecture."""
+    torch.manual_seed(seed)
+    encoder = models.ResNetEncoder(arch, cifar_stem=False).to(device)     # the train.py default stem
+    random_encoder = models.ResNetEncoder(arch, cifar_stem=False).to(device)
+    classifier = torch.nn.Linear(encoder.out_dim, 10).to(device)
+    train_views = data.pretrain_dataset(dataset, image_size=image_size, shapes_size=shapes_size)
+    loader = torch.utils.data.DataLoader(train_views, batch_size=batch_size, shuffle=True, drop_last=True)
+    params = list(encoder.parameters()) + list(classifier.parameters())
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
+    for _ in range(epochs):
+        for view, _, _, _, label in loader:
+            loss = F.cross_entropy(classifier(encoder(view.to(device))), label.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    train_set, test_set = data.eval_datasets(dataset, image_size=image_size, shapes_size=shapes_size)
+    plain = lambda d: torch.utils.data.DataLoader(d, batch_size=256)
+    results = {"arch": arch, "image_size": image_size, "epochs": epochs}
+    encoder.eval()
+    with torch.no_grad():
+        correct = sum(int((classifier(encoder(batch[0].to(device))).argmax(1).cpu() == batch[-1]).sum())
+                      for batch in plain(test_set))
+    results["supervised_top1"] = round(100 * correct / len(test_set), 2)
+    for name, net in (("supervised_knn_top1", encoder), ("random_init_knn_top1", random_encoder)):
+        train_x, train_y = extract_features(net, plain(train_set), device)
+        test_x, test_y = extract_features(net, plain(test_set), device)
+        results[name] = round(knn_accuracy(train_x, train_y, test_x, test_y), 2)
+    return results
+
+
+def load_checkpoint(path, flag="--checkpoint"):
+    """The checkpoint dict; a missing or unreadable file fails with one line."""
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: no such file; pass the last.pt that train.py wrote")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"{flag} {path}: unreadable ({type(error).__name__}); it may be truncated: use another checkpoint")
+    if not isinstance(checkpoint, dict) or not {"args", "model"} <= set(checkpoint):
+        fail(f"{flag} {path}: not a train.py checkpoint (it has no 'args' and 'model')")
+    return checkpoint
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="OUT/last.pt written by train.py")
+    parser.add_argument("--supervised", action="store_true",
+                        help="instead: train a ResNet-18 with labels on shapes and report how hard it is")
+    parser.add_argument("--image-size", type=int, default=32, help="with --supervised")
+    parser.add_argument("--epochs", type=int, default=5, help="with --supervised")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--data-dir", default=None, help="override the checkpoint's --data-dir")
+    parser.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs (SPEC: 100)")
+    parser.add_argument("--knn-k", type=int, default=200)
+    parser.add_argument("--saliency-weights", default=None, help="ResNet-50 state_dict for the pretrained source")
+    args = parser.parse_args(argv)
+    if args.supervised:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        results = supervised_baseline(image_size=args.image_size, epochs=args.epochs, device=device)
+        print(json.dumps(results, indent=2))
+        return results
+    if not args.checkpoint:
+        fail("pass --checkpoint OUT/last.pt (or --supervised)")
+    checkpoint = load_checkpoint(args.checkpoint)
+    train_args = argparse.Namespace(**checkpoint["args"])
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no GPU is visible; use --device cpu")
+
+    model = models.build_model(train_args)
+    model.load_state_dict(checkpoint["model"])
+    encoder = model.backbone.to(device)
+    transform = masking.Masker(train_args.strategy, train_args.grid).filter if train_args.strategy == "hp" \
+        and train_args.masking != "none" else None
+    try:
+        train_set, test_set = data.eval_datasets(train_args.dataset, args.data_dir or train_args.data_dir,
+                                                 train_args.image_size, shapes_size=tuple(train_args.shapes_size))
+    except data.DataError as error:
+        fail(error)
+    loader = lambda dataset: torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=train_args.workers)
+    start = time.time()
+    train_features, train_labels = extract_features(encoder, loader(train_set), device, transform=transform)
+    test_features, test_labels = extract_features(encoder, loader(test_set), device, transform=transform)
+    labelled = train_labels >= 0
+    results = {
+        "checkpoint": args.checkpoint, "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
+        "knn_top1": round(knn_accuracy(train_features[labelled], train_labels[labelled], test_features,
+                                       test_labels, k=args.knn_k), 2),
+        "linear_top1": round(linear_probe(train_features[labelled], train_labels[labelled], test_features,
+                                          test_labels, epochs=args.probe_epochs), 2),
+    }
+    if train_args.dataset == "shapes":
+        sources = {"spectral": saliency.Saliency("spectral", train_args.grid),
+                   "self": saliency.Saliency("self", train_args.grid),
+                   "gt": saliency.Saliency("gt", train_args.grid)}
+        try:
+            sources["pretrained"] = saliency.Saliency("pretrained", train_args.grid,
+                                                      weights=args.saliency_weights).to(device)
+        except RuntimeError as error:
+            results["pretrained_saliency"] = f"not measured: {error}"
+        results["saliency_quality"] = saliency_quality(sources, loader(test_set), device, train_args.grid,
+                                                       encoder=model.saliency_encoder.to(device).eval())
+    results["seconds"] = round(time.time() - start, 1)
+    print(json.dumps(results, indent=2))
+    with open(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""Pre-train a ResNet with saliency-guided masking and masked hard negatives, on one device.
+
+    python train.py                                  # shapes, MoCo v2 + the method, ~9 min on 2 CPU cores
+    python train.py --dataset cifar10 --data-dir data --download --epochs 200
+    python train.py --masking none                   # the plain MoCo v2 baseline
+    python train.py --resume runs/shapes-moco/last.pt
+
+Per step: saliency of both views -> the query masked in proportion between foreground and
+background (`masking.balanced_mask`) -> M hard negatives from the key with most of its
+salient patches masked -> the framework's loss (SPEC.md sections 2-4).
+Writes OUT/metrics.jsonl, OUT/views_epochN.png and OUT/last.pt (atomically, every epoch).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import evaluate
+import masking
+import models
+import saliency
+
+SMALL = 96          # images up to this size get the CIFAR single-GPU recipe's defaults
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):                                         # one line, exit code 2
+        evaluate.fail(f"{message} (see python train.py --help)")
+
+
+def parse_args(argv=None):
+    p = OneLineParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--framework", choices=list(models.FRAMEWORKS), default="moco", help="contrastive framework (default moco = MoCo v2)")
+    a("--arch", choices=models.ARCHS, default="resnet18", help="torchvision ResNet (paper: resnet50)")
+    a("--stem", choices=["auto", "cifar", "imagenet"], default="auto",
+      help="cifar: 3x3 stride-1 stem, no max-pool (MoCo's CIFAR demo); auto: cifar for cifar10/100")
+    a("--dataset", choices=data.DATASETS, default="shapes", help="shapes is generated; the others read --data-dir")
+    a("--data-dir", default="data", help="where the real datasets are (or go, with --download)")
+    a("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10")
+    a("--subset", type=int, default=0, help="pre-train on the first N images only (smoke runs)")
+    a("--shapes-size", type=int, nargs=2, default=[20000, 5000], metavar=("TRAIN", "TEST"),
+      help="number of generated shapes images per split")
+    a("--augment", choices=["batched", "torchvision"], default="batched",
+      help="batched: MoCo v2 augmentation of the whole batch on the device (fast); torchvision: "
+           "per image with transforms v2 in the loader (the reference; used for imagefolder)")
+    a("--image-size", type=int, default=None, help="view size (default: shapes 32, cifar 32, stl10 96, imagefolder 224)")
+    a("--epochs", type=int, default=None, help="default: 8 for shapes, 200 otherwise (the paper)")
+    a("--max-steps", type=int, default=0, help="stop after N optimizer steps (smoke runs); 0 = no limit")
+    a("--batch-size", type=int, default=128)
+    a("--warmup-epochs", type=float, default=None,
+      help="linear lr warm-up before the cosine decay (default 1 for shapes, 0 otherwise: the release has none)")
+    a("--lr", type=float, default=None,
+      help="SGD lr; default 0.06 x batch/128 (shapes), 0.06 x batch/512 (CIFAR recipe), 0.03 x batch/256 (paper)")
+    a("--weight-decay", type=float, default=None, help="default 5e-4 small images, 1e-4 large (paper)")
+    a("--masking", choices=["saliency", "random", "none"], default="saliency",
+      help="saliency: the paper's balanced masking; random: uniform masking; none: the plain framework")
+    a("--saliency", choices=saliency.SOURCES, default="spectral",
+      help="where foreground comes from; paper: pretrained (needs weights, see --saliency-weights)")
+    a("--saliency-weights", default=None, help="local torchvision ResNet-50 state_dict for --saliency pretrained")
+    a("--strategy", choices=masking.STRATEGIES, default="hp", help="fill of masked patches (paper's best: hp)")
+    a("--grid", type=int, default=7, help="patch grid g x g (paper: 7)")
+    a("--mask-ratio", type=float, nargs=2, default=[0.05, 0.25], metavar=("LO", "HI"),
+      help="query mask ratio r ~ U(LO, HI) (paper: 0.05 0.25)")
+    a("--hard-negative-ratio", type=float, nargs=2, default=[0.4, 0.7], metavar=("LO", "HI"),
+      help="share of the key's foreground masked in a hard negative (paper: 0.4 0.7)")
+    a("--num-hard-negatives", type=int, default=None,
+      help="M hard negatives per image (paper: 1); default 1 with --masking saliency, else 0")
+    a("--alpha", type=float, default=2.0, help="weight of the hard-negative logits (paper: 2)")
+    a("--queue-size", type=int, default=None, help="MoCo queue K (default 4096 small images, 65536 large)")
+    a("--moco-momentum", type=float, default=None, help="momentum m of the key/target encoder (0.99 small, 0.999 large)")
+    a("--temperature", type=float, default=None, help="tau (0.1 small images, 0.2 large: paper)")
+    a("--bn-splits", type=int, default=8, help="BatchNorm sub-batches, simulating Shuffle-BN on one device")
+    a("--amp", choices=["bf16", "fp16", "off"], default=None, help="autocast dtype (default bf16 on cuda, off on cpu)")
+    a("--channels-last", action="store_true", help="channels_last memory format")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--workers", type=int, default=None,
+      help="data loader workers (default: 0 on a CPU with <= 4 cores, where a worker would take "
+           "cores from the model; else min(8, cores / 2))")
+    a("--seed", type=int, default=0)
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    a("--out", default=None, help="output folder (default runs/DATASET-FRAMEWORK)")
+    a("--resume", default=None, help="a last.pt to continue from (same framework and arch)")
+    a("--knn-every", type=int, default=0, help="kNN accuracy every N epochs (0: at the end only)")
+    a("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    args = p.parse_args(argv)
+    fill_defaults(args)
+    check_args(p, args)
+    return args
+
+
+def fill_defaults(args):
+    """Defaults per dataset. Large images: the paper's recipe (SPEC.md section 5). CIFAR-size
+    images: MoCo's CIFAR single-GPU recipe. shapes: a demo sized for 15 minutes on 2 CPU cores,
+    with a warm-up epoch; without one MoCo collapses while its queue still holds random
+    vectors (positive similarity 0.98 after 24 steps, measured; see the README)."""
+    size = {"shapes": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224}
+    args.image_size = args.image_size or size[args.dataset]
+    small, shapes = args.image_size <= SMALL, args.dataset == "shapes"
+    if args.stem == "auto":                                           # CIFAR stem: ~19x the time at 32 px
+        args.stem = "cifar" if args.dataset in ("cifar10", "cifar100") else "imagenet"
+    args.epochs = args.epochs or (8 if shapes else 200)
+    if args.lr is None:
+        args.lr = 0.06 * args.batch_size / (128 if shapes else 512) if small else 0.03 * args.batch_size / 256
+    if args.warmup_epochs is None:
+        args.warmup_epochs = 1.0 if shapes else 0.0
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else (5e-4 if small else 1e-4)
+    args.queue_size = args.queue_size or (4096 if small else 65536)
+    args.moco_momentum = args.moco_momentum or (0.99 if small else 0.999)
+    args.temperature = args.temperature or (0.1 if small else 0.2)
+    if args.num_hard_negatives is None:
+        args.num_hard_negatives = int(args.masking == "saliency" and args.framework != "byol")
+    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.framework}")
+    if args.dataset == "imagefolder":
+        args.augment = "torchvision"                                  # images of any size, read one by one
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")
+    cores = os.cpu_count() or 1
+    if args.workers is None:
+        args.workers = 0 if args.device == "cpu" and cores <= 4 else min(8, cores // 2)
+
+
+def check_args(p, args):
+    for flag, (lo, hi) in [("--mask-ratio", args.mask_ratio), ("--hard-negative-ratio", args.hard_negative_ratio)]:
+        if not 0 <= lo <= hi <= 1:
+            p.error(f"{flag} {lo} {hi}: need 0 <= LO <= HI <= 1")
+    if args.batch_size % args.bn_splits:
+        p.error(f"--batch-size {args.batch_size} does not divide into --bn-splits {args.bn_splits}")
+    if args.framework == "moco" and args.queue_size % args.batch_size:
+        p.error(f"--queue-size {args.queue_size} is not a multiple of --batch-size {args.batch_size}")
+    if args.num_hard_negatives and args.framework == "byol":
+        p.error("BYOL has no negatives: use --num-hard-negatives 0 with --framework byol")
+    if args.num_hard_negatives and args.masking != "saliency":
+        p.error("hard negatives mask salient patches: they need --masking saliency (or --num-hard-negatives 0)")
+    if args.saliency == "gt" and args.masking == "saliency" and args.dataset != "shapes":
+        p.error(f"--saliency gt needs true object masks, which only --dataset shapes has")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no GPU is visible; use --device cpu")
+    if args.image_size < 8 or args.grid < 1 or args.grid > args.image_size:
+        p.error(f"--image-size {args.image_size} --grid {args.grid}: need 8 <= size and 1 <= grid <= size")
+    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        p.error(f"{args.out}/last.pt exists: continue it with --resume {args.out}/last.pt or pick another --out")
+
+
+# ----------------------------------------------------------------------------- one step
+
+def make_views(args, batch, augment, sal, masker, model, device):
+    """Saliency, masking and hard negatives for one batch (SPEC.md sections 2-3), no grad.
+
+    Returns query [B,3,H,W], key [B,3,H,W], hard negatives [B,M,3,H,W] or None, and the
+    figures to log (foreground ratio, masked fraction) plus what the PNG grid shows.
+    """
+    view1, view2, mask1, mask2, _ = (t.to(device, non_blocking=True) for t in batch)
+    if augment is not None:                                           # --augment batched: raw uint8 in
+        (view1, mask1), (view2, mask2) = augment(view1, mask1 if mask1.numel() else None), \
+            augment(view2, mask2 if mask2.numel() else None)
+    if args.masking == "none":
+        return view1, view2, None, {}
+    encoder = model.saliency_encoder
+    fg_q = sal(view1, encoder=encoder, masks=mask1) if args.masking == "saliency" else None
+    query, query_mask = masker(view1, fg_q, "positive")
+    key, negatives = masker.filter(view2), None
+    figures = {"masked_fraction": query_mask.float().mean(), "query_mask": query_mask, "view1": view1}
+    if args.num_hard_negatives:
+        fg_k = sal(view2, encoder=encoder, masks=mask2)
+        negatives = torch.stack([masker(view2, fg_k, "negative")[0] for _ in range(args.num_hard_negatives)], 1)
+        figures["fg_ratio"] = (fg_q.float().mean() + fg_k.float().mean()) / 2
+    elif fg_q is not None:
+        figures["fg_ratio"] = fg_q.float().mean()
+    return query, key, negatives, figures
+
+
+def save_view_grid(path, view1, figures, query, key, negatives, count=8):
+    """PNG rows: the view, its patch mask over it, the query as the encoder sees it, the key,
+    the first hard negative. Filtered (hp) images are stretched to [0, 1] per image."""
+    import torchvision.utils
+
+    def show(x):
+        x = x[:count].float().cpu()
+        low, high = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
+        return (x - low) / (high - low + 1e-6)
+
+    rows = [show(view1)]
+    if "query_mask" in figures:
+        mask = figures["query_mask"][:count].float().mean(1, keepdim=True).cpu()
+        rows.append(rows[0] * (1 - 0.7 * mask) + torch.tensor([0.7, 0, 0]).view(1, 3, 1, 1) * mask)
+    rows += [show(query), show(key)] + ([show(negatives[:, 0])] if negatives is not None else [])
+    torchvision.utils.save_image(torch.cat(rows), path, nrow=min(count, len(view1)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, state):
+    """Atomic: a half-written file never replaces a good one."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_resume(args, checkpoint):
+    for flag in ("framework", "arch", "stem", "image_size", "dataset"):
+        if checkpoint["args"].get(flag) != getattr(args, flag):
+            evaluate.fail(f"--resume {args.resume} was trained with --{flag.replace('_', '-')} "
+                          f"{checkpoint['args'].get(flag)}, not {getattr(args, flag)}: use the same flags")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(args):
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    device = torch.device(args.device)
+    checkpoint = evaluate.load_checkpoint(args.resume, "--resume") if args.resume else None
+    if checkpoint:
+        check_resume(args, checkpoint)
+    os.makedirs(args.out, exist_ok=True)
+
+    train_set = data.pretrain_dataset(args.dataset, args.data_dir, args.image_size, download=args.download,
+                                      batched=args.augment == "batched", shapes_size=tuple(args.shapes_size))
+    augment = data.BatchedMoCoV2(args.image_size) if args.augment == "batched" else None
+    if args.subset:
+        train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
+    model = models.build_model(args).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    sal = saliency.Saliency(args.saliency, args.grid, weights=args.saliency_weights).to(device)
+    masker = masking.Masker(args.strategy, args.grid, positive_ratio=tuple(args.mask_ratio),
+                            negative_ratio=tuple(args.hard_negative_ratio))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch                       # the lr schedule's length
+    stop_at = min(total_steps, args.max_steps) if args.max_steps else total_steps   # --max-steps: a kill
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+
+    def lr_factor(step):                                              # linear warm-up, then cosine
+        if step < warmup:
+            return (step + 1) / warmup
+        decay_steps = max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay_steps) / decay_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    step_fn = torch.compile(model) if args.compile else model
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    epoch, step, knn_before = 0, 0, None
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        epoch, step, knn_before = checkpoint["epoch"], checkpoint["step"], checkpoint.get("knn_random_init")
+        set_rng_state(checkpoint["rng"])
+        print(f"resumed {args.resume}: epoch {epoch}, step {step}")
+    if knn_before is None:
+        knn_before = knn(args, model, masker, device)
+        print(f"kNN top-1 of the random-init encoder: {knn_before:.2f} %")
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a")
+
+    def log(record):
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    def state():
+        return {"args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                "step": step, "rng": rng_state(), "knn_random_init": knn_before}
+
+    print(f"{args.framework} {args.arch} on {args.dataset} ({len(train_set)} images, {args.image_size} px), "
+          f"masking {args.masking}/{args.saliency}/{args.strategy}, M={args.num_hard_negatives}, "
+          f"{steps_per_epoch} steps/epoch, {args.epochs} epochs, batch {args.batch_size}, {device}; out {args.out}")
+    start_time, last_log, done = time.time(), 0.0, step >= stop_at
+    while epoch < args.epochs and not done:
+        # The epoch's order depends on (seed, epoch) only, and a run stopped inside an epoch
+        # (--max-steps) resumes at its next batch: resuming gives the same batches.
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        skip = (step - epoch * steps_per_epoch) * args.batch_size
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=args.batch_size, sampler=order[skip:].tolist(), drop_last=True,
+            num_workers=args.workers, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        timers = {"data": 0.0, "saliency+masking": 0.0, "model": 0.0}
+        epoch_start = tick = time.time()
+        epoch_first_step = step
+        for batch in loader:
+            timers["data"] += time.time() - tick
+            tick = time.time()
+            with torch.no_grad():
+                query, key, negatives, figures = make_views(args, batch, augment, sal, masker, model, device)
+                view1 = query if args.masking == "none" else figures["view1"]
+            if args.channels_last:
+                query, key = (x.contiguous(memory_format=torch.channels_last) for x in (query, key))
+            timers["saliency+masking"] += time.time() - tick
+            tick = time.time()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, model_figures = step_fn(query, key, negatives)
+            if not torch.isfinite(loss):
+                print(f"error: the loss is {loss.item()} at step {step + 1}; stopped, the last good "
+                      f"checkpoint {args.out}/last.pt is kept (try a lower --lr or --amp off)", file=sys.stderr)
+                sys.exit(1)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            timers["model"] += time.time() - tick
+            if step == 1 or time.time() - last_log >= args.log_every or step == stop_at:
+                last_log = time.time()
+                record = {"epoch": epoch + 1, "step": step, "loss": round(loss.item(), 5),
+                          "lr": scheduler.get_last_lr()[0]}
+                record.update({k: round(float(v), 4) for k, v in {**figures, **model_figures}.items()
+                               if v.numel() == 1})
+                rate = (step - epoch_first_step) * args.batch_size / (time.time() - epoch_start)
+                eta = (stop_at - step) * args.batch_size / rate
+                print(f"epoch {epoch + 1}/{args.epochs} step {step}/{stop_at} loss {record['loss']:.4f} "
+                      f"{rate:.0f} img/s eta {eta / 60:.1f} min fg {record.get('fg_ratio', float('nan')):.2f} "
+                      f"masked {record.get('masked_fraction', 0):.2f}", flush=True)
+                log({**record, "images_per_s": round(rate, 1)})
+            if step >= stop_at:
+                done = True
+                break
+            tick = time.time()
+        if step == (epoch + 1) * steps_per_epoch:                     # the epoch is complete
+            epoch += 1
+            if args.knn_every and epoch % args.knn_every == 0 and not done:
+                print(f"epoch {epoch}: kNN top-1 {knn(args, model, masker, device):.2f} %")
+        split = ", ".join(f"{k} {v:.1f} s" for k, v in timers.items())
+        print(f"epoch {epoch} done in {time.time() - epoch_start:.0f} s: {split}")
+        log({"epoch": epoch, "step": step, "time": {k: round(v, 2) for k, v in timers.items()}})
+        save_view_grid(os.path.join(args.out, f"views_epoch{epoch}.png"), view1, figures, query, key, negatives)
+        save_checkpoint(os.path.join(args.out, "last.pt"), state())
+
+    knn_after = knn(args, model, masker, device)
+    log({"final": True, "step": step, "knn_top1": knn_after, "knn_top1_random_init": knn_before,
+         "minutes": round((time.time() - start_time) / 60, 2)})
+    metrics.close()
+    print(f"kNN top-1 on the {args.dataset} test split: {knn_after:.2f} % after {step} steps, "
+          f"{knn_before:.2f} % for the random-init encoder ({knn_after - knn_before:+.2f} points); "
+          f"{(time.time() - start_time) / 60:.1f} min. Checkpoint: {args.out}/last.pt")
+    return {"knn_top1": knn_after, "knn_top1_random_init": knn_before, "step": step}
+
+
+def knn(args, model, masker, device):
+    """kNN top-1 (%) of the current backbone, train split as memory, test split as queries."""
+    train_set, test_set = data.eval_datasets(args.dataset, args.data_dir, args.image_size,
+                                             shapes_size=tuple(args.shapes_size))
+    loader = lambda d: torch.utils.data.DataLoader(d, batch_size=256, num_workers=args.workers)
+    transform = masker.filter if args.masking != "none" else None
+    train_features, train_labels = evaluate.extract_features(model.backbone, loader(train_set), device, transform=transform)
+    test_features, test_labels = evaluate.extract_features(model.backbone, loader(test_set), device, transform=transform)
+    labelled = train_labels >= 0
+    return evaluate.knn_accuracy(train_features[labelled], train_labels[labelled], test_features, test_labels)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except data.DataError as error:
+        evaluate.fail(error)
+    except RuntimeError as error:                                     # saliency weights: say the fix
+        if "--saliency" not in str(error):
+            raise
+        evaluate.fail(error)
+
+
+if __name__ == "__main__":
+    main()
