@@ -29,6 +29,9 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Ten shapes that differ in structure (holes, arms, corners, elongation), not only in the
 # number of polygon sides: at 32 px a rotated pentagon, hexagon and circle look alike.
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "crescent", "bar", "L", "T")
+# Six saturated hues: the only colours of the dataset.
+PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.9, 0.8, 0.1], [0.3, 0.8, 0.3],
+                        [0.2, 0.7, 0.9], [0.4, 0.3, 0.9], [0.9, 0.4, 0.8]])
 
 
 class DataError(Exception):
@@ -66,11 +69,6 @@ def make_shapes(num_images, image_size=64, seed=0, *, chunk=1000):
         masks.append(mask)
         labels.append(label)
     return torch.cat(images), torch.cat(masks), torch.cat(labels)
-
-
-# Six saturated hues: the only colours of the dataset.
-PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.9, 0.8, 0.1], [0.3, 0.8, 0.3],
-                        [0.2, 0.7, 0.9], [0.4, 0.3, 0.9], [0.9, 0.4, 0.8]])
 
 
 def _texture(n, size, g, cells=8):
