@@ -285,15 +285,18 @@ class BatchedMoCoV2:
         return out.view(B, C, H, W)
 
 
+TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                      dtype=torch.float64)
+
+
 def _rotate_hue(x, angle):
     """Hue shift by `angle` radians per image: rotate the chroma (I, Q) plane of YIQ."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          device=x.device)
+    to_yiq, from_yiq = TO_YIQ.float().to(x.device), torch.linalg.inv(TO_YIQ).float().to(x.device)
     cos, sin = torch.cos(angle), torch.sin(angle)
     rotation = torch.zeros(len(x), 3, 3, device=x.device)
     rotation[:, 0, 0] = 1
     rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = cos, -sin, sin, cos
-    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq                     # [B, 3, 3]
+    matrix = from_yiq @ rotation @ to_yiq                                     # [B, 3, 3]
     return torch.einsum("bij,bjhw->bihw", matrix, x)
 
 

@@ -85,17 +85,19 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, ep
 
 
 @torch.no_grad()
-def saliency_quality(sources, loader, device, grid, *, encoder=None):
+def saliency_quality(sources, loader, device, grid, *, encoder=None, transform=None):
     """IoU and precision (%) of each source's foreground patches against the true object
     patches (`saliency.gt_foreground_patches`), averaged over the images of `loader`
-    (items `(image, mask, label)`). `sources`: name -> Saliency module."""
+    (items `(image, mask, label)`). `sources`: name -> Saliency module. `transform`: what
+    the `self` source's encoder sees (train.py feeds it the filtered views)."""
     totals = {name: {"iou": 0.0, "precision": 0.0} for name in sources}
     count = 0
     for images, masks, _ in loader:
         images, masks = images.to(device), masks.to(device)
         truth = saliency.gt_foreground_patches(masks, grid)
         for name, source in sources.items():
-            fg = source(images, encoder=encoder, masks=masks)
+            seen = transform(images) if transform is not None and source.source == "self" else images
+            fg = source(seen, encoder=encoder, masks=masks)
             overlap = (fg & truth).sum(1).float()
             union = (fg | truth).sum(1).float().clamp(min=1)
             totals[name]["iou"] += float((overlap / union).sum())
@@ -218,7 +220,8 @@ def main(argv=None):
         except RuntimeError as error:
             results["pretrained_saliency"] = f"not measured: {error}"
         results["saliency_quality"] = saliency_quality(sources, loader(test_set), device, train_args.grid,
-                                                       encoder=model.saliency_encoder.to(device).eval())
+                                                       encoder=model.saliency_encoder.to(device).eval(),
+                                                       transform=masking.Masker(train_args.strategy).filter)
     results["seconds"] = round(time.time() - start, 1)
     print(json.dumps(results, indent=2))
     with open(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.json"), "w") as f:

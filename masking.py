@@ -208,13 +208,18 @@ class Masker:
       channel its own patches with p 0.7. The release's 0.55 cap on `r * fg_ratio` applies.
     - `blur`: a masked patch is taken from a Gaussian-blurred copy of the view.
     - `mean`: a masked patch is set to the image's per-channel mean.
+
+    `dense_noise`: draw the hp noise for every pixel and select it with the mask (no host
+    synchronisation), instead of for the masked pixels only. None: dense on GPUs, sparse on
+    CPUs, where a dense draw costs more than it saves.
     """
 
     def __init__(self, strategy="hp", grid=7, *, positive_ratio=POSITIVE_RATIO,
-                 negative_ratio=NEGATIVE_RATIO):
+                 negative_ratio=NEGATIVE_RATIO, dense_noise=None):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown masking strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
         self.strategy, self.grid = strategy, grid
+        self.dense_noise = dense_noise            # hp noise drawn for every pixel; None: on GPUs
         self.ratios = {"positive": positive_ratio, "negative": negative_ratio}
         for low, high in self.ratios.values():
             sample_ratios(0, low, high)                               # validates the range
@@ -242,7 +247,9 @@ class Masker:
             masks = torch.where(spatial[:, None, None], masks[:, :1], masks)
         return masks
 
-    def __call__(self, views, fg=None, mode="positive", generator=None):
+    def __call__(self, views, fg=None, mode="positive", generator=None, *, filtered=False):
+        """`filtered`: the views already went through `self.filter` (saves a high-pass when
+        the caller also needs the filtered views, as train.py does for the key)."""
         if mode not in self.ratios:
             raise ValueError(f"mode must be 'positive' or 'negative', got {mode!r}")
         if mode == "negative" and fg is None:
@@ -255,12 +262,19 @@ class Masker:
             focal = _rand(B, generator, views.device) < FOCAL_PROB
             square = focal_mask(B, H, W, FOCAL_SIDE[mode], generator, device=views.device)
             focal_pixels = ~square if mode == "positive" else square    # the query keeps its square
-            out = fill_noise_(self.filter(views), patch_masks & ~focal[:, None, None], self.grid,
-                              NOISE_STD[mode], generator)
+            pixel_mask = torch.where(focal[:, None, None, None], focal_pixels,
+                                     patch_to_pixel_mask(patch_masks, self.grid, H, W))
+            std = NOISE_STD[mode]
+            dense = self.dense_noise if self.dense_noise is not None else views.device.type != "cpu"
+            if dense:                           # one dense draw: no host sync, the GPU keeps busy
+                noise = _randn(views.shape, generator, views.device, views.dtype) * std
+                return torch.where(pixel_mask, noise, views if filtered else self.filter(views)), pixel_mask
+            # CPU: draw noise for the masked pixels only (a dense draw costs more than the filter)
+            out = fill_noise_(views.clone() if filtered else self.filter(views),
+                              patch_masks & ~focal[:, None, None], self.grid, std, generator)
             index = focal.nonzero()[:, 0]                             # focal images: a pixel mask
-            out[index] = fill_noise_pixels_(out[index], focal_pixels[index], NOISE_STD[mode], generator)
-            pixel_mask = patch_to_pixel_mask(patch_masks, self.grid, H, W)
-            return out, torch.where(focal[:, None, None, None], focal_pixels, pixel_mask)
+            out[index] = fill_noise_pixels_(out[index], focal_pixels[index], std, generator)
+            return out, pixel_mask
         pixel_mask = patch_to_pixel_mask(patch_masks, self.grid, H, W)
         if self.strategy == "blur":
             filled = gaussian_blur(views, *scaled_kernel(BLUR_KERNEL, BLUR_SIGMA, min(H, W)))

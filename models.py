@@ -170,17 +170,30 @@ class MoCo(nn.Module):
         if K % B:
             raise ValueError(f"queue size {K} is not a multiple of the batch size {B}: "
                              f"choose --queue-size as a multiple of --batch-size")
-        ptr = int(self.queue_ptr)
-        self.queue[ptr:ptr + B] = keys.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + B) % K)
+        index = self.queue_ptr + torch.arange(B, device=keys.device)     # no host sync
+        self.queue.index_copy_(0, index, keys.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + B) % K)
 
-    def forward(self, query, key, hard_negatives=None):
+    @torch.no_grad()
+    def encode_keys(self, key):
+        """Momentum update, then the key encoder on the key views (in a shuffled order, for
+        Shuffle-BN). Returns `(keys [B, D], feature maps [B, C, h, w])`: train.py reads
+        `--saliency self` of the key views off these maps instead of a second forward pass,
+        and passes the pair to `forward(..., keys=)`."""
+        momentum_update(self.encoder_k, self.encoder_q, self.momentum)
+        momentum_update(self.head_k, self.head_q, self.momentum)
+        perm = torch.randperm(len(key), device=key.device)
+        feature_map = self.encoder_k.feature_map(key[perm])
+        k = l2norm(self.head_k(feature_map.mean((2, 3))))
+        inverse = perm.argsort()
+        return k[inverse], feature_map[inverse]
+
+    def forward(self, query, key, hard_negatives=None, *, keys=None):
+        """`keys`: what `encode_keys(key)` returned this step (then `key` is not used again)."""
         B = len(query)
         q = l2norm(self.head_q(self.encoder_q(query)))                   # queries: [B, D]
         with torch.no_grad():
-            momentum_update(self.encoder_k, self.encoder_q, self.momentum)
-            momentum_update(self.head_k, self.head_q, self.momentum)
-            k = forward_shuffled(self.key_network, key)                  # keys: [B, D]
+            k = (keys if keys is not None else self.encode_keys(key))[0]   # keys: [B, D]
             t = None
             if hard_negatives is not None:                               # hard negatives: [B, M, D]
                 t = forward_shuffled(self.key_network, hard_negatives.flatten(0, 1)).view(B, -1, q.shape[1])

@@ -252,5 +252,11 @@ class Saliency(nn.Module):
             if masks is None:
                 raise ValueError("--saliency gt needs the true object masks (the shapes dataset)")
             return gt_foreground_patches(masks, self.grid)
-        scores = patch_scores(self.saliency_map(views, encoder=encoder), self.grid)
-        return foreground_patches(scores, self.std_factor)
+        return self.from_map(self.saliency_map(views, encoder=encoder))
+
+    @torch.no_grad()
+    def from_map(self, saliency_map):
+        """Foreground patches of a dense map `[B, h, w]`: patch scores, then the mean - 0.6 std
+        rule. `sal.from_map(scda_saliency(feature_map))` reuses a forward pass the caller
+        already made (train.py: the key encoder's, for `--saliency self`)."""
+        return foreground_patches(patch_scores(saliency_map, self.grid), self.std_factor)

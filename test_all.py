@@ -383,6 +383,25 @@ def test_masker_shapes_on_odd_sizes(strategy):
     assert pixel_mask.dtype == torch.bool and pixel_mask.shape[-2:] == (36, 52)
 
 
+def test_hp_dense_and_sparse_noise_mask_the_same_pixels_and_filtered_skips_the_filter():
+    views = torch.randn(16, 3, 28, 28)
+    outs = {}
+    for dense in (False, True):
+        g = torch.Generator().manual_seed(3)
+        masker = masking.Masker("hp", 7, dense_noise=dense)
+        outs[dense] = masker(views, torch.rand(16, 49, generator=torch.Generator().manual_seed(4)) < 0.5,
+                             "positive", g)
+    (sparse, sparse_mask), (dense, dense_mask) = outs[False], outs[True]
+    assert torch.equal(sparse_mask, dense_mask)                          # same draws, same mask
+    keep = ~dense_mask.expand_as(views)
+    assert torch.equal(sparse[keep], dense[keep])                        # the filtered view, unmasked
+    assert abs(dense[~keep].std().item() - masking.NOISE_STD["positive"]) < 0.02
+    masker, fg = masking.Masker("hp", 7), torch.ones(16, 49, dtype=torch.bool)
+    a, _ = masker(views, fg, "negative", torch.Generator().manual_seed(5))
+    b, _ = masker(masker.filter(views), fg, "negative", torch.Generator().manual_seed(5), filtered=True)
+    assert torch.equal(a, b)
+
+
 # ============================================================================ losses.py
 
 def unit(x):
@@ -602,6 +621,24 @@ def test_frameworks_run_under_bf16_autocast_and_channels_last(name):
 
 # ============================================================================ data.py
 
+def test_moco_key_pass_reused_for_saliency_gives_the_same_loss():
+    torch.manual_seed(0)
+    moco = models.MoCo(models.ResNetEncoder("resnet18", bn_splits=2), queue_size=32, momentum=0.9)
+    twin = models.MoCo(models.ResNetEncoder("resnet18", bn_splits=2), queue_size=32, momentum=0.9)
+    twin.load_state_dict(moco.state_dict())
+    query, key = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    torch.manual_seed(1)
+    loss, _ = moco(query, key)
+    torch.manual_seed(1)
+    keys = twin.encode_keys(key)
+    reused, _ = twin(query, None, keys=keys)
+    assert torch.allclose(loss, reused) and torch.equal(moco.queue, twin.queue)
+    sal = saliency.Saliency("self", 4)
+    twin.encoder_k.eval()
+    assert torch.equal(sal.from_map(saliency.scda_saliency(twin.encoder_k.feature_map(key))),
+                       sal(key, encoder=twin.encoder_k))
+
+
 def test_shapes_are_deterministic_balanced_and_masked():
     images, masks, labels = data.make_shapes(300, 32, seed=3)
     again, _, _ = data.make_shapes(300, 32, seed=3)
@@ -775,6 +812,17 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert checkpoint["step"] == 4                                       # the end of epoch 1, intact
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_self_saliency_reuses_the_key_pass(tmp_path, monkeypatch):
+    passes = []
+    feature_map = models.ResNetEncoder.feature_map
+    monkeypatch.setattr(models.ResNetEncoder, "feature_map", lambda self, x: passes.append(len(x)) or feature_map(self, x))
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "1", "--saliency", "self")
+    # kNN before and after (128 train + 64 test images) and one step of batch 32: the query's
+    # saliency, the key pass (which also gives the key's saliency), the hard negative, the
+    # query. Without the reuse the key's saliency would be a fifth pass.
+    assert passes == [128, 64] + [32] * 4 + [128, 64]
 
 
 @pytest.mark.parametrize("argv,message", [

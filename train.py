@@ -151,30 +151,127 @@ def check_args(p, args):
 
 # ----------------------------------------------------------------------------- one step
 
-def make_views(args, batch, augment, sal, masker, model, device):
+def make_views(args, batch, parts):
     """Saliency, masking and hard negatives for one batch (SPEC.md sections 2-3), no grad.
 
-    Returns query [B,3,H,W], key [B,3,H,W], hard negatives [B,M,3,H,W] or None, and the
-    figures to log (foreground ratio, masked fraction) plus what the PNG grid shows.
+    Returns query [B,3,H,W], key [B,3,H,W], hard negatives [B,M,3,H,W] or None, the keys
+    when they are already encoded (MoCo with `--saliency self`; else None), and the figures
+    to log (foreground ratio, masked fraction) plus what the PNG grid shows.
     """
-    view1, view2, mask1, mask2, _ = (t.to(device, non_blocking=True) for t in batch)
+    augment, sal, masker, model = parts.augment, parts.sal, parts.masker, parts.model
+    view1, view2, mask1, mask2, _ = (t.to(parts.device, non_blocking=True) for t in batch)
     if augment is not None:                                           # --augment batched: raw uint8 in
         (view1, mask1), (view2, mask2) = augment(view1, mask1 if mask1.numel() else None), \
             augment(view2, mask2 if mask2.numel() else None)
     if args.masking == "none":
-        return view1, view2, None, {}
+        return view1, view2, None, None, {"view1": view1}
+    key, keys, fg_k = masker.filter(view2), None, None
+    self_saliency = args.saliency == "self"        # the encoder's own maps: feed it what it trains on
+    if self_saliency and args.num_hard_negatives and isinstance(model, models.MoCo):
+        with parts.autocast():                     # the key pass also gives the key's saliency
+            keys = model.encode_keys(key)
+        fg_k = sal.from_map(saliency.scda_saliency(keys[1].float()))
     encoder = model.saliency_encoder
-    fg_q = sal(view1, encoder=encoder, masks=mask1) if args.masking == "saliency" else None
+    fg_q = None
+    if args.masking == "saliency":
+        fg_q = sal(masker.filter(view1) if self_saliency else view1, encoder=encoder, masks=mask1)
     query, query_mask = masker(view1, fg_q, "positive")
-    key, negatives = masker.filter(view2), None
     figures = {"masked_fraction": query_mask.float().mean(), "query_mask": query_mask, "view1": view1}
+    negatives = None
     if args.num_hard_negatives:
-        fg_k = sal(view2, encoder=encoder, masks=mask2)
-        negatives = torch.stack([masker(view2, fg_k, "negative")[0] for _ in range(args.num_hard_negatives)], 1)
+        if fg_k is None:
+            fg_k = sal(key if self_saliency else view2, encoder=encoder, masks=mask2)
+        negatives = torch.stack([masker(key, fg_k, "negative", filtered=True)[0]
+                                 for _ in range(args.num_hard_negatives)], 1)
         figures["fg_ratio"] = (fg_q.float().mean() + fg_k.float().mean()) / 2
     elif fg_q is not None:
         figures["fg_ratio"] = fg_q.float().mean()
-    return query, key, negatives, figures
+    return query, key, negatives, keys, figures
+
+
+def build(args, steps_per_epoch):
+    """What a training step needs, from the flags: model, optimizer, lr schedule (linear
+    warm-up, then cosine), grad scaler, autocast, augmentation, saliency and masker.
+    bench.py times the same objects."""
+    device = torch.device(args.device)
+    model = models.build_model(args).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    total_steps = args.epochs * steps_per_epoch                       # the lr schedule's length
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+
+    def lr_factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        decay_steps = max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay_steps) / decay_steps))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    return argparse.Namespace(
+        device=device, model=model, optimizer=optimizer, total_steps=total_steps,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor),
+        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
+        step_fn=torch.compile(model) if args.compile else model,
+        autocast=lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+        augment=data.BatchedMoCoV2(args.image_size) if args.augment == "batched" else None,
+        sal=saliency.Saliency(args.saliency, args.grid, weights=args.saliency_weights).to(device),
+        masker=masking.Masker(args.strategy, args.grid, positive_ratio=tuple(args.mask_ratio),
+                              negative_ratio=tuple(args.hard_negative_ratio)))
+
+
+class SplitTimer:
+    """Seconds spent in each part of the steps of an epoch. On a GPU the marks are CUDA events,
+    read once at the end of the epoch, so timing the parts costs no synchronisation."""
+
+    def __init__(self, device):
+        self.cuda, self.events = device.type == "cuda", []
+        self.seconds = {"data": 0.0, "saliency+masking": 0.0, "model": 0.0}
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def add(self, name, start, end):
+        if self.cuda:
+            self.events.append((name, start, end))
+        else:
+            self.seconds[name] += end - start
+
+    def totals(self):
+        if self.events:
+            torch.cuda.synchronize()
+            for name, start, end in self.events:
+                self.seconds[name] += start.elapsed_time(end) / 1000
+            self.events.clear()
+        return self.seconds
+
+
+def train_step(args, batch, parts, timer=None):
+    """One optimizer step on `batch`: views, then the framework's loss, backward, SGD, lr.
+    Returns the loss (a tensor: no sync), the figures and the views. `timer`: a SplitTimer
+    that gets the time of saliency+masking and of the model step."""
+    start = timer.mark() if timer else None
+    with torch.no_grad():
+        query, key, negatives, keys, figures = make_views(args, batch, parts)
+    middle = timer.mark() if timer else None
+    if args.channels_last:
+        query, key = (x.contiguous(memory_format=torch.channels_last) for x in (query, key))
+    with parts.autocast():
+        loss, model_figures = parts.step_fn(query, key, negatives, **({"keys": keys} if keys is not None else {}))
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.scheduler.step()
+    if timer:
+        end = timer.mark()
+        timer.add("saliency+masking", start, middle)
+        timer.add("model", middle, end)
+    return loss, {**figures, **model_figures}, (query, key, negatives)
 
 
 def save_view_grid(path, view1, figures, query, key, negatives, count=8):
@@ -241,31 +338,13 @@ def train(args):
 
     train_set = data.pretrain_dataset(args.dataset, args.data_dir, args.image_size, download=args.download,
                                       batched=args.augment == "batched", shapes_size=tuple(args.shapes_size))
-    augment = data.BatchedMoCoV2(args.image_size) if args.augment == "batched" else None
     if args.subset:
         train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
-    model = models.build_model(args).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    sal = saliency.Saliency(args.saliency, args.grid, weights=args.saliency_weights).to(device)
-    masker = masking.Masker(args.strategy, args.grid, positive_ratio=tuple(args.mask_ratio),
-                            negative_ratio=tuple(args.hard_negative_ratio))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     steps_per_epoch = len(train_set) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch                       # the lr schedule's length
-    stop_at = min(total_steps, args.max_steps) if args.max_steps else total_steps   # --max-steps: a kill
-    warmup = int(args.warmup_epochs * steps_per_epoch)
-
-    def lr_factor(step):                                              # linear warm-up, then cosine
-        if step < warmup:
-            return (step + 1) / warmup
-        decay_steps = max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay_steps) / decay_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    step_fn = torch.compile(model) if args.compile else model
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    parts = build(args, steps_per_epoch)
+    model, optimizer, scheduler, scaler, masker = parts.model, parts.optimizer, parts.scheduler, \
+        parts.scaler, parts.masker
+    stop_at = min(parts.total_steps, args.max_steps) if args.max_steps else parts.total_steps   # --max-steps: a kill
 
     epoch, step, knn_before = 0, 0, None
     if checkpoint:
@@ -295,7 +374,7 @@ def train(args):
     print(f"{args.framework} {args.arch} on {args.dataset} ({len(train_set)} images, {args.image_size} px), "
           f"masking {args.masking}/{args.saliency}/{args.strategy}, M={args.num_hard_negatives}, "
           f"{steps_per_epoch} steps/epoch, {args.epochs} epochs, batch {args.batch_size}, {device}; out {args.out}")
-    start_time, last_log, done = time.time(), 0.0, step >= stop_at
+    start_time, last_log, done, unchecked = time.time(), 0.0, step >= stop_at, None
     while epoch < args.epochs and not done:
         # The epoch's order depends on (seed, epoch) only, and a run stopped inside an epoch
         # (--max-steps) resumes at its next batch: resuming gives the same batches.
@@ -305,39 +384,25 @@ def train(args):
             train_set, batch_size=args.batch_size, sampler=order[skip:].tolist(), drop_last=True,
             num_workers=args.workers, pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        timers = {"data": 0.0, "saliency+masking": 0.0, "model": 0.0}
-        epoch_start = tick = time.time()
+        timer = SplitTimer(device)
+        epoch_start = tick = time.perf_counter()
         epoch_first_step = step
         for batch in loader:
-            timers["data"] += time.time() - tick
-            tick = time.time()
-            with torch.no_grad():
-                query, key, negatives, figures = make_views(args, batch, augment, sal, masker, model, device)
-                view1 = query if args.masking == "none" else figures["view1"]
-            if args.channels_last:
-                query, key = (x.contiguous(memory_format=torch.channels_last) for x in (query, key))
-            timers["saliency+masking"] += time.time() - tick
-            tick = time.time()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, model_figures = step_fn(query, key, negatives)
-            if not torch.isfinite(loss):
-                print(f"error: the loss is {loss.item()} at step {step + 1}; stopped, the last good "
-                      f"checkpoint {args.out}/last.pt is kept (try a lower --lr or --amp off)", file=sys.stderr)
-                sys.exit(1)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            timer.seconds["data"] += time.perf_counter() - tick          # host time waiting for the loader
+            loss, figures, (query, key, negatives) = train_step(args, batch, parts, timer)
             step += 1
-            timers["model"] += time.time() - tick
+            # The loss of the step before is checked once this step is queued: the check waits for
+            # the GPU without leaving it idle. A bad step stops the run before any checkpoint.
+            if unchecked:
+                stop_if_not_finite(args, *unchecked)
+            unchecked = (step, loss)
             if step == 1 or time.time() - last_log >= args.log_every or step == stop_at:
                 last_log = time.time()
                 record = {"epoch": epoch + 1, "step": step, "loss": round(loss.item(), 5),
                           "lr": scheduler.get_last_lr()[0]}
-                record.update({k: round(float(v), 4) for k, v in {**figures, **model_figures}.items()
+                record.update({k: round(float(v), 4) for k, v in figures.items()
                                if v.numel() == 1})
-                rate = (step - epoch_first_step) * args.batch_size / (time.time() - epoch_start)
+                rate = (step - epoch_first_step) * args.batch_size / (time.perf_counter() - epoch_start)
                 eta = (stop_at - step) * args.batch_size / rate
                 print(f"epoch {epoch + 1}/{args.epochs} step {step}/{stop_at} loss {record['loss']:.4f} "
                       f"{rate:.0f} img/s eta {eta / 60:.1f} min fg {record.get('fg_ratio', float('nan')):.2f} "
@@ -346,15 +411,19 @@ def train(args):
             if step >= stop_at:
                 done = True
                 break
-            tick = time.time()
+            tick = time.perf_counter()
+        if unchecked:
+            stop_if_not_finite(args, *unchecked)
+            unchecked = None
         if step == (epoch + 1) * steps_per_epoch:                     # the epoch is complete
             epoch += 1
             if args.knn_every and epoch % args.knn_every == 0 and not done:
                 print(f"epoch {epoch}: kNN top-1 {knn(args, model, masker, device):.2f} %")
-        split = ", ".join(f"{k} {v:.1f} s" for k, v in timers.items())
-        print(f"epoch {epoch} done in {time.time() - epoch_start:.0f} s: {split}")
-        log({"epoch": epoch, "step": step, "time": {k: round(v, 2) for k, v in timers.items()}})
-        save_view_grid(os.path.join(args.out, f"views_epoch{epoch}.png"), view1, figures, query, key, negatives)
+        seconds = timer.totals()
+        split = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+        print(f"epoch {epoch} done in {time.perf_counter() - epoch_start:.0f} s: {split}")
+        log({"epoch": epoch, "step": step, "time": {k: round(v, 2) for k, v in seconds.items()}})
+        save_view_grid(os.path.join(args.out, f"views_epoch{epoch}.png"), figures["view1"], figures, query, key, negatives)
         save_checkpoint(os.path.join(args.out, "last.pt"), state())
 
     knn_after = knn(args, model, masker, device)
@@ -365,6 +434,13 @@ def train(args):
           f"{knn_before:.2f} % for the random-init encoder ({knn_after - knn_before:+.2f} points); "
           f"{(time.time() - start_time) / 60:.1f} min. Checkpoint: {args.out}/last.pt")
     return {"knn_top1": knn_after, "knn_top1_random_init": knn_before, "step": step}
+
+
+def stop_if_not_finite(args, step, loss):
+    if not torch.isfinite(loss):
+        print(f"error: the loss is {loss.item()} at step {step}; stopped, the last good checkpoint "
+              f"{args.out}/last.pt is kept (try a lower --lr or --amp off)", file=sys.stderr)
+        sys.exit(1)
 
 
 def knn(args, model, masker, device):
