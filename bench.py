@@ -1,11 +1,19 @@
 """Speed benchmarks. Figures in the README come from here.
 
-    python bench.py --part masking                     # 256 views of 3x224x224, CPU
-    python bench.py --part masking --device cuda
+    python bench.py                                    # a training step, split into its parts
+    python bench.py --amp bf16 --channels-last         # on a GPU: the fast settings
+    python bench.py --part masking                     # masks and fills against a per-image loop
+
+`step` (the default): MoCo v2 at ResNet-18, 32 px, batch 256, on the current device. First
+each part of a step of the paper's method alone (data, augmentation, saliency, mask building
+and filling, query forward+backward, key forward, hard-negative forward, optimizer), then
+whole training steps (`train.train_step`, what train.py runs) for three configurations in
+the same process, in turns: the plain framework, + saliency-balanced masking, + one masked
+hard negative. Images/s are medians over `--repeats` turns, so the ratios hold on a noisy
+machine.
 
 `masking`: the batched masks and fills of masking.py against a straightforward per-image
-loop (a randperm per image, patches filled one at a time), both on the same inputs in the
-same process, one after the other, so the ratios hold on a noisy machine. Medians of
+loop (a randperm per image, patches filled one at a time), on the same inputs. Medians of
 `--repeats` runs.
 """
 import argparse
@@ -15,12 +23,17 @@ import time
 
 import torch
 
+import data
 import masking
+import models
+import train
+from losses import l2norm
 
 
-def median_seconds(fn, repeats, device):
+def median_seconds(fn, repeats, device, *, warmup=True):
     """Median wall time of `fn()` over `repeats` runs, after one warm-up."""
-    fn()
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -105,6 +118,123 @@ def bench_masking(args, device):
     print(f"  speed-up, masks + noise fill: {t['masks + hp noise fill, per-image loop'] / t['masks + hp noise fill, batched']:6.1f}x")
 
 
+# ----------------------------------------------------------------------------- training step
+
+CONFIGS = {"plain": ["--masking", "none"],
+           "+ masking": ["--masking", "saliency", "--num-hard-negatives", "0"],
+           "+ hard negative": ["--masking", "saliency", "--num-hard-negatives", "1"]}
+
+
+def step_setup(args, config):
+    """train.py's flags, objects and data for one configuration of the benchmark."""
+    argv = ["--framework", args.framework, "--arch", args.arch, "--stem", args.stem,
+            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+            "--device", args.device, "--amp", args.amp, "--saliency", args.saliency,
+            "--strategy", args.strategy, "--workers", str(args.workers), "--out", "bench-not-written",
+            *(["--channels-last"] if args.channels_last else []), *(["--compile"] if args.compile else []),
+            *CONFIGS[config]]
+    flags = train.parse_args(argv)
+    flags.epochs, flags.warmup_epochs = 1, 0.0
+    dataset = data.pretrain_dataset("shapes", image_size=args.image_size, batched=True,
+                                    shapes_size=(args.batch_size * 8, 1))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=flags.workers, pin_memory=flags.device.startswith("cuda"),
+                                         persistent_workers=flags.workers > 0)
+    return flags, train.build(flags, steps_per_epoch=10 ** 6), loader
+
+
+def batches(loader):
+    while True:
+        yield from loader
+
+
+def profile_parts(args, device):
+    """Seconds per batch of each part of a step of the method (MoCo), each timed alone."""
+    flags, parts, loader = step_setup(args, "+ hard negative")
+    model, sal, masker = parts.model, parts.sal, parts.masker
+    stream = batches(loader)
+    raw = [t.to(device) for t in next(stream)]
+    views = {}
+
+    def augment():
+        views["v1"], views["m1"] = parts.augment(raw[0], raw[2])
+        views["v2"], views["m2"] = parts.augment(raw[1], raw[3])
+
+    def saliencies():
+        encoder = model.saliency_encoder
+        views["fg1"] = sal(views["v1"], encoder=encoder, masks=views["m1"])
+        views["fg2"] = sal(views["v2"], encoder=encoder, masks=views["m2"])
+
+    def mask_and_fill():
+        views["query"] = masker(views["v1"], views["fg1"], "positive")[0]
+        views["key"] = masker.filter(views["v2"])
+        views["negatives"] = masker(views["key"], views["fg2"], "negative", filtered=True)[0]
+
+    def layout(x):
+        return x.contiguous(memory_format=torch.channels_last) if flags.channels_last else x
+
+    def query_forward_backward():
+        with parts.autocast():
+            l2norm(model.head_q(model.encoder_q(layout(views["query"])))).sum().backward()
+
+    def key_forward():
+        with torch.no_grad(), parts.autocast():
+            model.encode_keys(layout(views["key"]))
+
+    def negative_forward():
+        with torch.no_grad(), parts.autocast():
+            models.forward_shuffled(model.key_network, layout(views["negatives"]))
+
+    def optimizer_step():
+        parts.optimizer.step()
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    data_seconds = median_seconds(lambda: [t.to(device, non_blocking=True) for t in next(stream)],
+                                  args.repeats, device)
+    augment(), saliencies(), mask_and_fill(), query_forward_backward(), sync()
+    rows = [("data (loader, to device)", data_seconds)]
+    for name, fn in [("augmentation (2 views)", augment), ("saliency (2 views)", saliencies),
+                     ("mask building + filling", mask_and_fill), ("query forward + backward", query_forward_backward),
+                     ("key forward (+ momentum update)", key_forward), ("hard-negative forward", negative_forward),
+                     ("optimizer", optimizer_step)]:
+        rows.append((name, median_seconds(fn, args.repeats, device)))
+    return rows
+
+
+def bench_step(args, device):
+    B = args.batch_size
+    print(f"training step: {args.framework} {args.arch} ({args.stem} stem), {args.image_size} px, batch {B}, "
+          f"saliency {args.saliency}, fill {args.strategy}, amp {args.amp}, channels_last {args.channels_last}, "
+          f"compile {args.compile}; {device} ({describe(device)}); medians of {args.repeats}")
+    parts = dict(profile_parts(args, device)) if args.framework == "moco" else {}
+    for name, seconds in parts.items():
+        print(f"  {name:34s} {seconds * 1e3:9.2f} ms")
+
+    setups = {config: step_setup(args, config) for config in CONFIGS}
+    streams = {config: batches(loader) for config, (_, _, loader) in setups.items()}
+
+    def steps(config):
+        flags, objects, _ = setups[config]
+        for _ in range(args.steps):
+            train.train_step(flags, next(streams[config]), objects)
+    for config in CONFIGS:                                            # warm-up (and compile)
+        steps(config)
+    times = {config: [] for config in CONFIGS}
+    for _ in range(args.repeats):                                     # in turns: noise hits all alike
+        for config in CONFIGS:
+            times[config].append(median_seconds(lambda: steps(config), 1, device, warmup=False) / args.steps)
+    step = {config: statistics.median(t) for config, t in times.items()}
+    plain = step["plain"]
+    print(f"whole steps ({args.steps} per turn), images/s:")
+    for config, seconds in step.items():
+        print(f"  {config:34s} {B / seconds:9.0f} img/s  {seconds * 1e3:8.1f} ms/step  {seconds / plain:5.2f}x plain")
+    if parts:
+        overhead = parts["saliency (2 views)"] + parts["mask building + filling"]
+        print(f"  saliency + masks + fill: {100 * overhead / plain:.1f} % of a plain step (target <= 10 %); "
+              f"the method: {step['+ hard negative'] / plain:.2f}x plain (target <= 1.45x)")
+    return step
+
+
 def describe(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -113,17 +243,35 @@ def describe(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["masking"], default="masking", help="what to time")
+    parser.add_argument("--part", choices=["step", "masking"], default="step", help="what to time")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=None, help="default: 32 (step), 224 (masking)")
     parser.add_argument("--grid", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=7)
+    step = parser.add_argument_group("--part step")
+    step.add_argument("--framework", choices=list(models.FRAMEWORKS), default="moco",
+                      help="the part-by-part split is for moco; whole steps for any")
+    step.add_argument("--arch", choices=models.ARCHS, default="resnet18")
+    step.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar",
+                      help="cifar: MoCo's CIFAR recipe; imagenet: train.py's stem for shapes (19x cheaper at 32 px)")
+    step.add_argument("--saliency", choices=["spectral", "self", "gt"], default="spectral")
+    step.add_argument("--strategy", choices=masking.STRATEGIES, default="hp")
+    step.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off")
+    step.add_argument("--channels-last", action="store_true")
+    step.add_argument("--compile", action="store_true")
+    step.add_argument("--workers", type=int, default=0, help="loader workers (the batched augmentation runs on the device)")
+    step.add_argument("--steps", type=int, default=10, help="steps per timed turn")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is visible; use --device cpu")
-    bench_masking(args, device)
+    if args.part == "masking":
+        args.image_size = args.image_size or 224
+        bench_masking(args, device)
+    else:
+        args.image_size = args.image_size or 32
+        bench_step(args, device)
 
 
 if __name__ == "__main__":
