@@ -242,8 +242,7 @@ class BatchedMoCoV2:
 
     def __call__(self, images, masks=None):
         B, device = len(images), images.device
-        draws = iter(torch.rand(13, B, device=device))               # every per-image draw, one kernel
-        u = lambda _: next(draws)
+        u = lambda *shape: torch.rand(*shape, device=device)
         x = images.float() / 255
         # Random resized crop + flip as one affine map from output to input coordinates.
         area = 0.2 + 0.8 * u(B)
@@ -268,7 +267,8 @@ class BatchedMoCoV2:
         x = torch.where(jitter, y, x)
         x = torch.where((u(B) < 0.2)[:, None, None, None], gray(x).expand_as(x), x)   # grayscale p 0.2
         x = torch.where((u(B) < 0.5)[:, None, None, None], self._blur(x, u(B)), x)    # blur p 0.5
-        mean, std = _constants(device)[:2]
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
         return (x - mean) / std, masks
 
     def _blur(self, x, u):
@@ -289,16 +289,9 @@ TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -
                       dtype=torch.float64)
 
 
-@functools.lru_cache(maxsize=8)
-def _constants(device):
-    """Normalisation mean and std `[1, 3, 1, 1]`, RGB -> YIQ and back `[3, 3]`, on `device`."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1),
-            TO_YIQ.float().to(device), torch.linalg.inv(TO_YIQ).float().to(device))
-
-
 def _rotate_hue(x, angle):
     """Hue shift by `angle` radians per image: rotate the chroma (I, Q) plane of YIQ."""
-    to_yiq, from_yiq = _constants(x.device)[2:]
+    to_yiq, from_yiq = TO_YIQ.float().to(x.device), torch.linalg.inv(TO_YIQ).float().to(x.device)
     cos, sin = torch.cos(angle), torch.sin(angle)
     rotation = torch.zeros(len(x), 3, 3, device=x.device)
     rotation[:, 0, 0] = 1

@@ -22,7 +22,6 @@ bool tensors `[..., N]`, True = masked; `fg` is the same shape, True = foregroun
 Every image of a batch is handled in one tensor program: no Python loop over images.
 Depends on torch and saliency.py (for the separable Gaussian blur).
 """
-import functools
 import math
 
 import torch
@@ -128,15 +127,11 @@ def patch_to_pixel_mask(mask, grid, height, width):
     Pixel row `y` lies in patch row `floor(y * grid / height)`, so any size works; for sizes
     that are multiples of `grid` every patch is `height/grid x width/grid` pixels.
     """
+    def sizes(n):                                                     # pixels per patch row/col
+        return torch.bincount(torch.arange(n, device=mask.device) * grid // n, minlength=grid)
     mask = mask.unflatten(-1, (grid, grid))
-    mask = mask.repeat_interleave(_patch_sizes(height, grid, mask.device), dim=-2, output_size=height)
-    return mask.repeat_interleave(_patch_sizes(width, grid, mask.device), dim=-1, output_size=width)
-
-
-@functools.lru_cache(maxsize=64)
-def _patch_sizes(n, grid, device):
-    """Pixels per patch row (or column) of an `n`-pixel side: `[grid]`. Cached."""
-    return torch.bincount(torch.arange(n, device=device) * grid // n, minlength=grid)
+    mask = mask.repeat_interleave(sizes(height), dim=-2, output_size=height)
+    return mask.repeat_interleave(sizes(width), dim=-1, output_size=width)
 
 
 def fill_noise_(images, patch_mask, grid, std, generator=None):

@@ -15,7 +15,6 @@ scores. Four sources of saliency, chosen with `--saliency` in train.py:
 
 Depends on torch and torchvision only.
 """
-import functools
 import math
 import os
 
@@ -79,15 +78,10 @@ def patch_scores(saliency, grid):
         saliency = F.interpolate(saliency[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         h, w = size
 
-    rows, cols = _averaging_matrix(h, grid, saliency.device), _averaging_matrix(w, grid, saliency.device)
-    return (rows @ saliency @ cols.T).flatten(1)
-
-
-@functools.lru_cache(maxsize=64)
-def _averaging_matrix(n, grid, device):
-    """`[grid, n]`: row i averages the pixels of patch row i (rows sum to 1). Cached."""
-    member = F.one_hot(torch.arange(n, device=device) * grid // n, grid).T.float()
-    return member / member.sum(1, keepdim=True)
+    def averaging(n):                                                 # [grid, n], rows sum to 1
+        member = F.one_hot(torch.arange(n, device=saliency.device) * grid // n, grid).T.float()
+        return member / member.sum(1, keepdim=True)
+    return (averaging(h) @ saliency @ averaging(w).T).flatten(1)
 
 
 def foreground_patches(scores, std_factor=0.6):
@@ -144,11 +138,6 @@ def blur_matrix(size, kernel_size, sigma, *, device=None, dtype=torch.float32):
     return matrix.index_put_((rows, source), weights.expand_as(source), accumulate=True)
 
 
-# Every step blurs views of the same few sizes: building a matrix is a dozen small kernels,
-# which on a GPU cost more than the blur itself. Callers never write to the cached tensors.
-_cached_blur_matrix = functools.lru_cache(maxsize=64)(blur_matrix)
-
-
 def gaussian_blur(images, kernel_size, sigma):
     """Gaussian blur of `[..., H, W]` with reflect borders, as torchvision's `gaussian_blur`.
 
@@ -158,8 +147,8 @@ def gaussian_blur(images, kernel_size, sigma):
     torchvision's to 1e-6.
     """
     H, W = images.shape[-2:]
-    rows = _cached_blur_matrix(H, kernel_size, sigma, device=images.device, dtype=images.dtype)
-    cols = rows if W == H else _cached_blur_matrix(W, kernel_size, sigma, device=images.device, dtype=images.dtype)
+    rows = blur_matrix(H, kernel_size, sigma, device=images.device, dtype=images.dtype)
+    cols = rows if W == H else blur_matrix(W, kernel_size, sigma, device=images.device, dtype=images.dtype)
     return rows @ (images @ cols.T)
 
 
