@@ -188,10 +188,10 @@ def profile_parts(args, device):
     def optimizer_step():
         parts.optimizer.step()
 
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     data_seconds = median_seconds(lambda: [t.to(device, non_blocking=True) for t in next(stream)],
                                   args.repeats, device)
-    augment(), saliencies(), mask_and_fill(), query_forward_backward(), sync()
+    for fill in (augment, saliencies, mask_and_fill):                 # the inputs of the later parts
+        fill()
     rows = [("data (loader, to device)", data_seconds)]
     for name, fn in [("augmentation (2 views)", augment), ("saliency (2 views)", saliencies),
                      ("mask building + filling", mask_and_fill), ("query forward + backward", query_forward_backward),
