@@ -2,6 +2,7 @@
 
     python bench.py                                    # a training step, split into its parts
     python bench.py --amp bf16 --channels-last         # on a GPU: the fast settings
+    python bench.py --augment torchvision --workers 8  # per-image augmentation in the loader instead
     python bench.py --part masking                     # masks and fills against a per-image loop
 
 `step` (the default): MoCo v2 at ResNet-18, 32 px, batch 256, on the current device. First
@@ -130,12 +131,13 @@ def step_setup(args, config):
     argv = ["--framework", args.framework, "--arch", args.arch, "--stem", args.stem,
             "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
             "--device", args.device, "--amp", args.amp, "--saliency", args.saliency,
-            "--strategy", args.strategy, "--workers", str(args.workers), "--out", "bench-not-written",
+            "--strategy", args.strategy, "--workers", str(args.workers), "--augment", args.augment,
+            "--out", "bench-not-written",
             *(["--channels-last"] if args.channels_last else []), *(["--compile"] if args.compile else []),
             *CONFIGS[config]]
     flags = train.parse_args(argv)
     flags.epochs, flags.warmup_epochs = 1, 0.0
-    dataset = data.pretrain_dataset("shapes", image_size=args.image_size, batched=True,
+    dataset = data.pretrain_dataset("shapes", image_size=args.image_size, batched=args.augment == "batched",
                                     shapes_size=(args.batch_size * 8, 1))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=flags.workers, pin_memory=flags.device.startswith("cuda"),
@@ -157,6 +159,9 @@ def profile_parts(args, device):
     views = {}
 
     def augment():
+        if parts.augment is None:                  # --augment torchvision: done in the loader (data)
+            views.update(v1=raw[0], m1=raw[2], v2=raw[1], m2=raw[3])
+            return
         views["v1"], views["m1"] = parts.augment(raw[0], raw[2])
         views["v2"], views["m2"] = parts.augment(raw[1], raw[3])
 
@@ -260,6 +265,8 @@ def main():
     step.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off")
     step.add_argument("--channels-last", action="store_true")
     step.add_argument("--compile", action="store_true")
+    step.add_argument("--augment", choices=["batched", "torchvision"], default="batched",
+                      help="batched: on the device (train.py's default); torchvision: per image in the loader")
     step.add_argument("--workers", type=int, default=0, help="loader workers (the batched augmentation runs on the device)")
     step.add_argument("--steps", type=int, default=10, help="steps per timed turn")
     args = parser.parse_args()

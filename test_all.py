@@ -3,6 +3,7 @@
 Each test asserts a property a reader of the paper cares about; the whole file runs on a
 2-core CPU in well under three minutes.
 """
+import argparse
 import json
 import math
 import pickle
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bench
 import data
 import evaluate
 import losses
@@ -873,3 +875,17 @@ def test_supervised_baseline_reports_its_three_figures():
     results = evaluate.supervised_baseline(image_size=32, epochs=1, batch_size=64, shapes_size=(256, 128))
     assert set(results) >= {"supervised_top1", "supervised_knn_top1", "random_init_knn_top1"}
     assert all(0 <= results[k] <= 100 for k in ("supervised_top1", "supervised_knn_top1", "random_init_knn_top1"))
+
+
+# ============================================================================ bench.py
+
+@pytest.mark.parametrize("augment", ["batched", "torchvision"])
+def test_bench_times_every_part_and_the_three_configurations(capsys, augment):
+    args = argparse.Namespace(framework="moco", arch="resnet18", stem="imagenet", image_size=32, batch_size=16,
+                              device="cpu", amp="off", saliency="spectral", strategy="hp", augment=augment,
+                              workers=0, channels_last=False, compile=False, repeats=1, steps=1)
+    step = bench.bench_step(args, torch.device("cpu"))
+    assert list(step) == list(bench.CONFIGS) and all(0 < seconds < 60 for seconds in step.values())
+    out = capsys.readouterr().out
+    for part in ("data", "saliency (2 views)", "mask building + filling", "hard-negative forward", "1.45x"):
+        assert part in out
