@@ -5,10 +5,10 @@
     python bench.py --augment torchvision --workers 8  # per-image augmentation in the loader instead
     python bench.py --part masking                     # masks and fills against a per-image loop
 
-`step` (the default): MoCo v2 at ResNet-18, 32 px, batch 256, on the current device. First
-each part of a step of the paper's method alone (data, augmentation, saliency, mask building
-and filling, query forward+backward, key forward, hard-negative forward, optimizer), then
-whole training steps (`train.train_step`, what train.py runs) for three configurations in
+`step` (the default): MoCo v2 at ResNet-18, 32 px, batch 256, on the current device (the
+CIFAR stem on a GPU, the cheaper ImageNet stem on a CPU). First each part of a step of the
+paper's method alone (data, augmentation, saliency, mask building and filling, query
+forward+backward, key forward, hard-negative forward, optimizer), then whole training steps (`train.train_step`, what train.py runs) for three configurations in
 the same process, in turns: the plain framework, + saliency-balanced masking, + one masked
 hard negative. Images/s are medians over `--repeats` turns, so the ratios hold on a noisy
 machine.
@@ -258,8 +258,9 @@ def main():
     step.add_argument("--framework", choices=list(models.FRAMEWORKS), default="moco",
                       help="the part-by-part split is for moco; whole steps for any")
     step.add_argument("--arch", choices=models.ARCHS, default="resnet18")
-    step.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar",
-                      help="cifar: MoCo's CIFAR recipe; imagenet: train.py's stem for shapes (19x cheaper at 32 px)")
+    step.add_argument("--stem", choices=["cifar", "imagenet"], default=None,
+                      help="cifar: MoCo's CIFAR recipe (default on a GPU); imagenet: train.py's stem for "
+                           "shapes, 19x cheaper at 32 px (default on a CPU, where a CIFAR-stem step takes ~12 s)")
     step.add_argument("--saliency", choices=["spectral", "self", "gt"], default="spectral")
     step.add_argument("--strategy", choices=masking.STRATEGIES, default="hp")
     step.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off")
@@ -278,6 +279,7 @@ def main():
         bench_masking(args, device)
     else:
         args.image_size = args.image_size or 32
+        args.stem = args.stem or ("cifar" if device.type == "cuda" else "imagenet")
         bench_step(args, device)
 
 
