@@ -171,11 +171,11 @@ def make_views(args, batch, parts):
         with parts.autocast():                     # the key pass also gives the key's saliency
             keys = model.encode_keys(key)
         fg_k = sal.from_map(saliency.scda_saliency(keys[1].float()))
-    encoder = model.saliency_encoder
+    encoder, seen = model.saliency_encoder, masker.filter(view1)     # seen: what the encoders see
     fg_q = None
     if args.masking == "saliency":
-        fg_q = sal(masker.filter(view1) if self_saliency else view1, encoder=encoder, masks=mask1)
-    query, query_mask = masker(view1, fg_q, "positive")
+        fg_q = sal(seen if self_saliency else view1, encoder=encoder, masks=mask1)
+    query, query_mask = masker(seen, fg_q, "positive", filtered=True)
     figures = {"masked_fraction": query_mask.float().mean(), "query_mask": query_mask, "view1": view1}
     negatives = None
     if args.num_hard_negatives:
