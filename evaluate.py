@@ -221,7 +221,7 @@ def main(argv=None):
             results["pretrained_saliency"] = f"not measured: {error}"
         results["saliency_quality"] = saliency_quality(sources, loader(test_set), device, train_args.grid,
                                                        encoder=model.saliency_encoder.to(device).eval(),
-                                                       transform=masking.Masker(train_args.strategy).filter)
+                                                       transform=transform)
     results["seconds"] = round(time.time() - start, 1)
     print(json.dumps(results, indent=2))
     with open(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.json"), "w") as f:
