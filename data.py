@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 
 DATASETS = ("shapes", "cifar10", "cifar100", "stl10", "imagefolder")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CROP_SCALE = (0.2, 1.0)          # RandomResizedCrop's share of the image area (MoCo v2)
 # Ten shapes that differ in structure (holes, arms, corners, elongation), not only in the
 # number of polygon sides: at 32 px a rotated pentagon, hexagon and circle look alike.
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "crescent", "bar", "L", "T")
@@ -198,17 +199,18 @@ def load_split(name, data_dir, train, *, image_size=64, download=False, shapes_s
 
 # ----------------------------------------------------------------------------- augmentation
 
-def moco_v2_augmentation(image_size):
+def moco_v2_augmentation(image_size, crop_scale=CROP_SCALE):
     """MoCo v2 augmentation (SPEC.md section 5) for `image_size` views, torchvision v2.
 
-    RandomResizedCrop scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2,
+    RandomResizedCrop scale `crop_scale` (the paper's (0.2, 1) by default),
+    ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2,
     Gaussian blur p 0.5 with sigma [0.1, 2] x image_size / 224 and a kernel of ~10 % of the
     side (23 px at 224), flip. Geometric transforms also move a `tv_tensors.Mask`.
     """
     kernel = max(3, round(0.1 * image_size) // 2 * 2 + 1)
     scale = image_size / 224
     return v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+        v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
         v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1 * scale, 2.0 * scale))], p=0.5),
@@ -229,14 +231,14 @@ class BatchedMoCoV2:
     device (`--augment batched`): no per-image Python, so data keeps up with a GPU.
 
     `views, masks = augment(images_uint8 [B,3,H,W], masks bool [B,H,W] or None)`. Each image
-    draws its own crop (scale (0.2, 1), ratio (3/4, 4/3)), flip, jitter, grayscale and blur
+    draws its own crop (area `crop_scale` of the image, ratio (3/4, 4/3)), flip, jitter, grayscale and blur
     sigma. Differences from torchvision, for speed: the crop and flip are one bilinear
     `grid_sample` (no antialiasing), the jitter is applied in a fixed order (brightness,
     contrast, saturation, hue) and hue is a rotation of the YIQ chroma plane.
     """
 
-    def __init__(self, image_size):
-        self.size = image_size
+    def __init__(self, image_size, crop_scale=CROP_SCALE):
+        self.size, self.crop_scale = image_size, crop_scale
         self.blur_kernel = max(3, round(0.1 * image_size) // 2 * 2 + 1)
         self.sigma = (0.1 * image_size / 224, 2.0 * image_size / 224)
 
@@ -245,7 +247,8 @@ class BatchedMoCoV2:
         u = lambda *shape: torch.rand(*shape, device=device)
         x = images.float() / 255
         # Random resized crop + flip as one affine map from output to input coordinates.
-        area = 0.2 + 0.8 * u(B)
+        lo, hi = self.crop_scale
+        area = lo + (hi - lo) * u(B)
         ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u(B))
         w, h = torch.sqrt(area * ratio).clamp(max=1), torch.sqrt(area / ratio).clamp(max=1)
         cx, cy = (1 - w) * (2 * u(B) - 1), (1 - h) * (2 * u(B) - 1)        # centres, in [-1, 1]
@@ -320,9 +323,9 @@ class TwoViews(torch.utils.data.Dataset):
     geometric transforms. Item: `(view1, view2, mask1, mask2, label)`; masks are bool
     `[S, S]`, or empty `[0]` tensors for datasets without masks."""
 
-    def __init__(self, images, masks, labels, image_size):
+    def __init__(self, images, masks, labels, image_size, crop_scale=CROP_SCALE):
         self.images, self.masks, self.labels = images, masks, labels
-        self.transform = moco_v2_augmentation(image_size)
+        self.transform = moco_v2_augmentation(image_size, crop_scale)
 
     def __len__(self):
         return len(self.labels)
@@ -360,7 +363,8 @@ class Plain(torch.utils.data.Dataset):
         return image, mask.as_subclass(torch.Tensor), self.labels[i]
 
 
-def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, batched=False, **kwargs):
+def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, batched=False,
+                     crop_scale=CROP_SCALE, **kwargs):
     """Two views per image (TwoViews), or with `batched` the raw images (Raw) for
     BatchedMoCoV2. `batched` needs same-size tensor images: not imagefolder."""
     images, masks, labels = load_split(name, data_dir, True, image_size=image_size, download=download, **kwargs)
@@ -372,7 +376,7 @@ def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, ba
             raise DataError(f"--augment batched needs a tensor dataset; {name} is read image by "
                             f"image: use --augment torchvision")
         return Raw(images, masks, labels)
-    return TwoViews(images, masks, labels, image_size)
+    return TwoViews(images, masks, labels, image_size, crop_scale)
 
 
 def eval_datasets(name, data_dir="data", image_size=64, **kwargs):

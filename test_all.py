@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import tv_tensors
 
 import bench
 import data
@@ -692,6 +693,27 @@ def test_batched_augmentation_keeps_masks_aligned_and_draws_per_image():
     assert not torch.equal(views, again)
 
 
+@pytest.mark.parametrize("path", ["batched", "torchvision"])
+def test_crop_scale_sets_how_much_of_the_image_a_view_shows(path):
+    torch.manual_seed(0)
+    masks = torch.zeros(32, 48, 48, dtype=torch.bool)
+    masks[:, 20:28, 20:28] = True                                      # a central 8 x 8 object
+    images = masks[:, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255
+
+    def growth(crop_scale):                                            # object area in the view / before
+        if path == "batched":
+            _, moved = data.BatchedMoCoV2(48, crop_scale)(images, masks)
+        else:
+            augment = data.moco_v2_augmentation(48, crop_scale)
+            moved = torch.stack([augment(tv_tensors.Image(images[i]), tv_tensors.Mask(masks[i]))[1]
+                                 for i in range(len(images))])
+        return moved.flatten(1).sum(1).float() / 64
+
+    whole = growth((0.9, 1.0))
+    assert bool((whole > 0.7).all()) and float(whole.median()) < 1.25  # a near-whole view: object kept, ~same size
+    assert float(growth((0.2, 0.25)).median()) > 2.5                   # a fifth of the image, magnified ~4x
+
+
 def write_cifar(root, name):
     rng = np.random.default_rng(0)
     folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
@@ -833,6 +855,7 @@ def test_self_saliency_reuses_the_key_pass(tmp_path, monkeypatch):
     (["--batch-size", "48", "--bn-splits", "8", "--queue-size", "100"], "not a multiple"),
     (["--mask-ratio", "0.3", "1.2"], "0 <= LO <= HI <= 1"),
     (["--hard-negative-ratio", "0.7", "0.4"], "0 <= LO <= HI <= 1"),
+    (["--crop-scale", "0", "1"], "0 < LO <= HI <= 1"),
     (["--framework", "byol", "--num-hard-negatives", "1"], "BYOL has no negatives"),
     (["--masking", "random", "--num-hard-negatives", "1"], "need --masking saliency"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "cifar-10-batches-py"),

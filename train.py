@@ -1,6 +1,6 @@
 """Pre-train a ResNet with saliency-guided masking and masked hard negatives, on one device.
 
-    python train.py                                  # shapes, MoCo v2 + the method, ~9 min on 2 CPU cores
+    python train.py                                  # shapes, MoCo v2 + the method, ~10 min on 2 CPU cores
     python train.py --dataset cifar10 --data-dir data --download --epochs 200
     python train.py --masking none                   # the plain MoCo v2 baseline
     python train.py --resume runs/shapes-moco/last.pt
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     a("--augment", choices=["batched", "torchvision"], default="batched",
       help="batched: MoCo v2 augmentation of the whole batch on the device (fast); torchvision: "
            "per image with transforms v2 in the loader (the reference; used for imagefolder)")
+    a("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+      help="share of the image area a view's random crop keeps (paper: 0.2 1, the default)")
     a("--image-size", type=int, default=None, help="view size (default: shapes 32, cifar 32, stl10 96, imagefolder 224)")
     a("--epochs", type=int, default=None, help="default: 8 for shapes, 200 otherwise (the paper)")
     a("--max-steps", type=int, default=0, help="stop after N optimizer steps (smoke runs); 0 = no limit")
@@ -107,6 +109,7 @@ def fill_defaults(args):
     if args.stem == "auto":                                           # CIFAR stem: ~19x the time at 32 px
         args.stem = "cifar" if args.dataset in ("cifar10", "cifar100") else "imagenet"
     args.epochs = args.epochs or (8 if shapes else 200)
+    args.crop_scale = args.crop_scale or list(data.CROP_SCALE)
     if args.lr is None:
         args.lr = 0.06 * args.batch_size / (128 if shapes else 512) if small else 0.03 * args.batch_size / 256
     if args.warmup_epochs is None:
@@ -131,6 +134,8 @@ def check_args(p, args):
     for flag, (lo, hi) in [("--mask-ratio", args.mask_ratio), ("--hard-negative-ratio", args.hard_negative_ratio)]:
         if not 0 <= lo <= hi <= 1:
             p.error(f"{flag} {lo} {hi}: need 0 <= LO <= HI <= 1")
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        p.error(f"--crop-scale {args.crop_scale[0]} {args.crop_scale[1]}: need 0 < LO <= HI <= 1")
     if args.batch_size % args.bn_splits:
         p.error(f"--batch-size {args.batch_size} does not divide into --bn-splits {args.bn_splits}")
     if args.framework == "moco" and args.queue_size % args.batch_size:
@@ -214,7 +219,7 @@ def build(args, steps_per_epoch):
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
         step_fn=torch.compile(model) if args.compile else model,
         autocast=lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
-        augment=data.BatchedMoCoV2(args.image_size) if args.augment == "batched" else None,
+        augment=data.BatchedMoCoV2(args.image_size, tuple(args.crop_scale)) if args.augment == "batched" else None,
         sal=saliency.Saliency(args.saliency, args.grid, weights=args.saliency_weights).to(device),
         masker=masking.Masker(args.strategy, args.grid, positive_ratio=tuple(args.mask_ratio),
                               negative_ratio=tuple(args.hard_negative_ratio)))
@@ -337,7 +342,8 @@ def train(args):
     os.makedirs(args.out, exist_ok=True)
 
     train_set = data.pretrain_dataset(args.dataset, args.data_dir, args.image_size, download=args.download,
-                                      batched=args.augment == "batched", shapes_size=tuple(args.shapes_size))
+                                      batched=args.augment == "batched", crop_scale=tuple(args.crop_scale),
+                                      shapes_size=tuple(args.shapes_size))
     if args.subset:
         train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
     steps_per_epoch = len(train_set) // args.batch_size
