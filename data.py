@@ -231,10 +231,10 @@ class BatchedMoCoV2:
     device (`--augment batched`): no per-image Python, so data keeps up with a GPU.
 
     `views, masks = augment(images_uint8 [B,3,H,W], masks bool [B,H,W] or None)`. Each image
-    draws its own crop (area `crop_scale` of the image, ratio (3/4, 4/3)), flip, jitter, grayscale and blur
-    sigma. Differences from torchvision, for speed: the crop and flip are one bilinear
-    `grid_sample` (no antialiasing), the jitter is applied in a fixed order (brightness,
-    contrast, saturation, hue) and hue is a rotation of the YIQ chroma plane.
+    draws its own crop (a share `crop_scale` of the area, ratio (3/4, 4/3)), flip, jitter,
+    grayscale and blur sigma. Differences from torchvision, for speed: the crop and flip are
+    one bilinear `grid_sample` (no antialiasing), the jitter is applied in a fixed order
+    (brightness, contrast, saturation, hue) and hue is a rotation of the YIQ chroma plane.
     """
 
     def __init__(self, image_size, crop_scale=CROP_SCALE):

@@ -105,7 +105,7 @@ def fill_defaults(args):
     with a warm-up epoch; without one MoCo collapses while its queue still holds random
     vectors (positive similarity 0.98 after 24 steps, measured; see the README). Its crops keep
     at least 85 % of the image, not MoCo v2's 20 %: a shape covers 20-64 % of a 32 px image,
-    and crops of a fifth of it leave view pairs that share background but not the object.
+    and crops of a fifth of it can leave view pairs that share background but not the object.
     With 20 % the default run ends 6 kNN points below its random-init encoder, with 85 %
     19 above (10-11 with seeds 1 and 2; measured on a CPU, see the README)."""
     size = {"shapes": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224}
