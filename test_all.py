@@ -804,6 +804,15 @@ def losses_of(folder):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+def test_shapes_departs_from_the_paper_only_in_its_documented_defaults(tmp_path):
+    parse = lambda *argv: train.parse_args([*argv, "--device", "cpu", "--out", str(tmp_path / "out")])
+    shapes, cifar = parse(), parse("--dataset", "cifar10")
+    # The README's departures for the CPU demo: larger crops, a warm-up epoch, alpha 1.
+    assert (shapes.crop_scale, shapes.warmup_epochs, shapes.alpha) == ([0.85, 1.0], 1.0, 1.0)
+    assert (cifar.crop_scale, cifar.warmup_epochs, cifar.alpha) == ([0.2, 1.0], 0.0, 2.0)   # the paper's
+    assert parse("--alpha", "2").alpha == 2.0 and parse("--alpha", "0").alpha == 0.0    # a given value wins
+
+
 def test_resume_gives_the_same_losses_as_an_unbroken_run(tmp_path):
     run_train(tmp_path, "--epochs", "2", out="whole")
     run_train(tmp_path, "--epochs", "2", "--max-steps", "4", out="broken")      # killed after epoch 1
