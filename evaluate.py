@@ -43,7 +43,11 @@ def extract_features(encoder, loader, device, *, transform=None):
 def knn_accuracy(train_features, train_labels, test_features, test_labels, *, k=200,
                  temperature=0.1, chunk=1024):
     """Weighted kNN top-1 (%) as in MoCo's CIFAR demo: cosine similarity, the k nearest
-    training features vote for their label with weight `exp(sim / temperature)`."""
+    training features vote for their label with weight `exp(sim / temperature)`.
+
+    train.py and `main` pass the pooled backbone features (512-d for ResNet-18), the
+    representation that the linear probe and transfer use; MoCo's demo votes with its
+    128-d projection-head output instead, so the figures are not directly comparable."""
     num_classes = int(train_labels.max()) + 1
     bank = F.normalize(train_features, dim=1)
     k = min(k, len(bank))
@@ -61,9 +65,16 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, ep
                  lr=30.0, batch_size=256, weight_decay=0.0, milestones=(60, 80), seed=0):
     """Linear classifier on frozen, cached features: top-1 (%) on the test features.
 
-    SPEC.md section 5: SGD momentum 0.9, lr 30, batch 256, 100 epochs, lr x0.1 at 60 and 80,
-    no weight decay. The features are standardised with the training mean and std (the
-    role of MoCo's fixed BN before the classifier), so lr 30 is stable for any encoder.
+    The optimiser is the paper's (SPEC.md section 5): SGD momentum 0.9, lr 30, batch 256,
+    100 epochs, lr x0.1 at 60 and 80, no weight decay. The protocol is faster and differs in
+    two ways from MoCo v2's `main_lincls.py`, which the release uses:
+    - each image is seen once, as its centre view, and its features are computed once and
+      cached; `main_lincls.py` draws a new RandomResizedCrop + flip of every image in every
+      epoch and passes it through the frozen backbone (in eval mode) each time;
+    - the features are standardised with the training mean and std. `main_lincls.py` has no
+      normalisation before its `fc` (no BN either: lr 30 suits the small scale of raw pooled
+      ResNet features); standardising makes lr 30 stable for any encoder, a random-init one
+      included, at the price of figures that are not the release's protocol.
     """
     g = torch.Generator().manual_seed(seed)
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
@@ -212,8 +223,13 @@ def main(argv=None):
     }
     if train_args.dataset == "shapes":
         sources = {"spectral": saliency.Saliency("spectral", train_args.grid),
-                   "self": saliency.Saliency("self", train_args.grid),
                    "gt": saliency.Saliency("gt", train_args.grid)}
+        side = models.feature_map_size(train_args.image_size, cifar_stem=train_args.stem == "cifar")
+        if side >= 2:
+            sources["self"] = saliency.Saliency("self", train_args.grid)
+        else:
+            results["self_saliency"] = (f"not measured: the encoder's last feature map is {side}x{side} "
+                                        f"at {train_args.image_size} px with the {train_args.stem} stem")
         try:
             sources["pretrained"] = saliency.Saliency("pretrained", train_args.grid,
                                                       weights=args.saliency_weights).to(device)

@@ -206,6 +206,12 @@ class Masker:
       outside a random square of 200/224 of the side; hard negative: noise inside one of
       130/224); otherwise the grid mask, the same patches in all channels with p 0.3, each
       channel its own patches with p 0.7. The release's 0.55 cap on `r * fg_ratio` applies.
+      The noise is drawn independently for every masked pixel of every image. The release
+      draws one noise patch per batch (3 x 32 x 32 for spatial masks, one per channel for
+      channel-wise ones, one square for the hard negative's focal mask) and pastes that same
+      patch into every masked patch of every image; only its positive focal noise is fresh
+      per image. A fixed pattern is something an encoder can learn to recognise as "masked",
+      and per-pixel noise is what the paper's text describes; so the project draws it fresh.
     - `blur`: a masked patch is taken from a Gaussian-blurred copy of the view.
     - `mean`: a masked patch is set to the image's per-channel mean.
 

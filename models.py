@@ -17,7 +17,9 @@ normalises `bn_splits` sub-batches separately and the key batch is permuted befo
 encoder and restored after, which gives the same effect on one device.
 Depends on torch, torchvision and losses.py.
 """
+import contextlib
 import copy
+import math
 from collections import OrderedDict
 
 import torch
@@ -37,7 +39,8 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     statistics, as `num_splits` GPUs would. Sub-batch s holds samples s, s + S, s + 2S, ...
     (a view of a contiguous input, no copy; a channels_last input is copied and its layout
     restored). In eval mode it is BatchNorm2d.
-    Running statistics are the mean over the sub-batches' running statistics.
+    Running statistics are the mean over the sub-batches' running statistics; with
+    `track_running_stats` off (`batch_stats_only`) they are neither used nor updated.
     """
 
     def __init__(self, num_features, num_splits, **kwargs):
@@ -52,17 +55,38 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if N % S:
             raise ValueError(f"batch of {N} does not split into {S} BatchNorm sub-batches: "
                              f"use a batch size divisible by --bn-splits {S}")
-        running_mean, running_var = self.running_mean.repeat(S), self.running_var.repeat(S)
+        track = self.track_running_stats
+        running_mean = self.running_mean.repeat(S) if track else None
+        running_var = self.running_var.repeat(S) if track else None
         out = F.batch_norm(x.reshape(N // S, C * S, H, W), running_mean, running_var,
                            self.weight.repeat(S), self.bias.repeat(S), True, self.momentum, self.eps)
-        with torch.no_grad():
-            self.running_mean.copy_(running_mean.view(S, C).mean(0))
-            self.running_var.copy_(running_var.view(S, C).mean(0))
-            self.num_batches_tracked += 1
+        if track:
+            with torch.no_grad():
+                self.running_mean.copy_(running_mean.view(S, C).mean(0))
+                self.running_var.copy_(running_var.view(S, C).mean(0))
+                self.num_batches_tracked += 1
         out = out.view(N, C, H, W)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             out = out.contiguous(memory_format=torch.channels_last)      # keep the caller's layout
         return out
+
+
+@contextlib.contextmanager
+def batch_stats_only(*modules):
+    """Inside, the BatchNorm layers of `modules` in train mode normalise with the batch's own
+    statistics, as usual, but leave every running statistic (and `num_batches_tracked`)
+    exactly as it was. For the extra passes of a step, over hard negatives (40-70 % noise)
+    and for `--saliency self`: the running statistics that evaluation uses must describe the
+    views the encoder trains on, updated once per step, as in a plain step."""
+    layers = [m for module in modules for m in module.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
 
 
 def convert_split_bn(module, num_splits):
@@ -107,6 +131,15 @@ class ResNetEncoder(nn.Module):
         return self.feature_map(x).mean((2, 3))
 
 
+def feature_map_size(image_size, *, cifar_stem=False):
+    """Side of a ResNet's last feature map for square views of `image_size` px. Each
+    stride-2 stage takes n to ceil(n / 2): five stages with the ImageNet stem (32 px -> 1,
+    224 -> 7), three with the CIFAR stem (32 px -> 4)."""
+    for _ in range(3 if cifar_stem else 5):
+        image_size = -(-image_size // 2)
+    return image_size
+
+
 def mlp(in_dim, hidden_dim, out_dim, *, batch_norm=False):
     """Projection head / predictor: Linear, (BatchNorm1d,) ReLU, Linear."""
     norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
@@ -120,6 +153,13 @@ def momentum_update(target, online, momentum):
     target_params, online_params = list(target.parameters()), list(online.parameters())
     torch._foreach_mul_(target_params, momentum)
     torch._foreach_add_(target_params, online_params, alpha=1 - momentum)
+
+
+def cosine_momentum(base, step, total_steps):
+    """BYOL's target momentum at `step` of `total_steps`: `1 - (1 - base)(cos(pi step / total) + 1) / 2`,
+    from `base` at the start to 1 at the end (BYOL paper, section 3.2)."""
+    progress = min(step, total_steps) / max(1, total_steps)
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 def frozen_copy(module):
@@ -137,18 +177,41 @@ def forward_shuffled(network, images):
 
 # ----------------------------------------------------------------------------- frameworks
 
+PAIRINGS = ("own", "release")
+
+
+def pair_hard_negatives(t, pairing):
+    """Which hard negatives each query meets. `t: [B, M, D]`, row b made from image b's key.
+
+    `own` (the paper's text): query b meets its own image's hard negatives, `t` as it is.
+    `release` (what the released code computes, SPEC.md section 4): every query meets the
+    hard negatives of the batch's first image, `t[0]` broadcast to `[B, M, D]`. The release
+    does this per GPU, so on G GPUs a global batch has G distinct hard negatives; here the
+    whole batch on one device has one. `t` is still encoded for the whole batch in one pass,
+    so BatchNorm never runs on a single image.
+    """
+    return t if check_pairing(pairing) == "own" else t[:1].expand_as(t)
+
+
+def check_pairing(pairing):
+    if pairing not in PAIRINGS:
+        raise ValueError(f"unknown hard-negative pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
+    return pairing
+
+
 class MoCo(nn.Module):
     """MoCo v2 with masked hard negatives: query encoder + MLP head, a momentum key encoder,
     a FIFO queue of K keys. Hard negatives go through the key encoder and are never enqueued.
     """
 
     def __init__(self, encoder, *, dim=128, queue_size=65536, momentum=0.999,
-                 temperature=0.2, alpha=2.0):
+                 temperature=0.2, alpha=2.0, hard_negative_pairing="own"):
         super().__init__()
         self.encoder_q = encoder
         self.head_q = mlp(encoder.out_dim, encoder.out_dim, dim)
         self.encoder_k, self.head_k = frozen_copy(self.encoder_q), frozen_copy(self.head_q)
         self.momentum, self.temperature, self.alpha = momentum, temperature, alpha
+        self.pairing = check_pairing(hard_negative_pairing)
         self.register_buffer("queue", l2norm(torch.randn(queue_size, dim)))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -196,7 +259,9 @@ class MoCo(nn.Module):
             k = (keys if keys is not None else self.encode_keys(key))[0]   # keys: [B, D]
             t = None
             if hard_negatives is not None:                               # hard negatives: [B, M, D]
-                t = forward_shuffled(self.key_network, hard_negatives.flatten(0, 1)).view(B, -1, q.shape[1])
+                with batch_stats_only(self.encoder_k, self.head_k):      # one BN update per step: the key's
+                    t = forward_shuffled(self.key_network, hard_negatives.flatten(0, 1))
+                t = pair_hard_negatives(t.view(B, -1, q.shape[1]), self.pairing)
         # info_nce normalises the queue into a new tensor, so enqueuing in place is safe.
         loss = info_nce(q, k, self.queue, t, self.temperature, self.alpha)
         self.enqueue(k)                                                  # never the hard negatives
@@ -208,13 +273,15 @@ class MoCo(nn.Module):
 
 class SimCLR(nn.Module):
     """SimCLR: one encoder + MLP head, NT-Xent over the 2B views; hard negatives are embedded
-    by the same network without gradient and appended to each anchor's row."""
+    by the same network without gradient (with batch statistics that leave the running ones
+    alone) and appended to each anchor's row."""
 
-    def __init__(self, encoder, *, dim=128, temperature=0.2, alpha=2.0):
+    def __init__(self, encoder, *, dim=128, temperature=0.2, alpha=2.0, hard_negative_pairing="own"):
         super().__init__()
         self.encoder = encoder
         self.head = mlp(encoder.out_dim, encoder.out_dim, dim, batch_norm=True)
         self.temperature, self.alpha = temperature, alpha
+        self.pairing = check_pairing(hard_negative_pairing)
 
     @property
     def backbone(self):
@@ -229,8 +296,9 @@ class SimCLR(nn.Module):
         z1, z2 = self.head(self.encoder(torch.cat([query, key]))).chunk(2)   # [B, D] each
         t = None
         if hard_negatives is not None:
-            with torch.no_grad():
-                t = self.head(self.encoder(hard_negatives.flatten(0, 1))).view(B, -1, z1.shape[1])
+            with torch.no_grad(), batch_stats_only(self.encoder, self.head):
+                t = self.head(self.encoder(hard_negatives.flatten(0, 1)))
+            t = pair_hard_negatives(t.view(B, -1, z1.shape[1]), self.pairing)
         loss = nt_xent(z1, z2, self.temperature, t, self.alpha)
         figures = {"positive_sim": (l2norm(z1) * l2norm(z2)).sum(1).mean().detach()}
         if t is not None:
@@ -244,6 +312,9 @@ class BYOL(nn.Module):
     Symmetric loss. The query (masked) view goes to the online network against the target's
     key; in the swapped term the online network sees the key and the target the query.
     BYOL has no negatives, so hard negatives are an error.
+
+    `momentum` is the target's momentum for the next step. BYOL raises it from its base
+    value to 1 by a cosine over training: train.py sets it each step with `cosine_momentum`.
     """
 
     def __init__(self, encoder, *, dim=256, hidden_dim=4096, momentum=0.99):
@@ -282,9 +353,10 @@ FRAMEWORKS = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL}
 def build_model(args):
     """The framework that train.py's flags describe (`args` as train.parse_args makes it)."""
     encoder = ResNetEncoder(args.arch, cifar_stem=args.stem == "cifar", bn_splits=args.bn_splits)
+    pairing = getattr(args, "hard_negative_pairing", "own")            # checkpoints from before the flag
     if args.framework == "moco":
         return MoCo(encoder, queue_size=args.queue_size, momentum=args.moco_momentum,
-                    temperature=args.temperature, alpha=args.alpha)
+                    temperature=args.temperature, alpha=args.alpha, hard_negative_pairing=pairing)
     if args.framework == "simclr":
-        return SimCLR(encoder, temperature=args.temperature, alpha=args.alpha)
+        return SimCLR(encoder, temperature=args.temperature, alpha=args.alpha, hard_negative_pairing=pairing)
     return BYOL(encoder, momentum=args.moco_momentum)

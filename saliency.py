@@ -90,10 +90,17 @@ def foreground_patches(scores, std_factor=0.6):
     `scores: [B, N] -> bool [B, N]`, population std. The rule is applied to the scores in
     their own patch order; the released code thresholds a row-sorted copy, which marks the
     wrong patches (see the README).
+
+    A row with no spread (std at most 1e-6 of its largest magnitude: a constant map, or one
+    that float rounding alone makes uneven, as when a 1x1 map is upsampled to the grid) has
+    no patch that stands out. In exact arithmetic every score equals the mean, so the rule
+    keeps all of them: such a row is all foreground, deterministically, and balanced masking
+    of it is uniform random masking.
     """
     mean = scores.mean(1, keepdim=True)
     std = scores.std(1, keepdim=True, unbiased=False)
-    return scores >= mean - std_factor * std
+    no_spread = std <= 1e-6 * scores.abs().amax(1, keepdim=True)
+    return (scores >= mean - std_factor * std) | no_spread
 
 
 def mask_patch_coverage(masks, grid):
@@ -165,7 +172,8 @@ def load_resnet50_trunk(weights_path=None):
     """A frozen torchvision ResNet-50 without avgpool and fc, in eval mode.
 
     `weights_path`: a local state_dict (a plain torchvision ResNet-50 state_dict; a
-    `{"state_dict": ...}` wrapper and `module.` prefixes are accepted). None: torchvision's
+    `{"state_dict": ...}` wrapper, `module.` prefixes and missing `num_batches_tracked`
+    buffers are accepted). None: torchvision's
     `ResNet50_Weights.IMAGENET1K_V2`, from the torch hub cache or downloaded. Any failure
     raises one `RuntimeError` that says what to do.
     """
@@ -190,13 +198,16 @@ def load_resnet50_trunk(weights_path=None):
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         state = {k.removeprefix("module."): v for k, v in state.items()} if isinstance(state, dict) else state
+    # `num_batches_tracked` is a counter, not a weight: older torchvision files and most
+    # converted checkpoints lack it, and load_state_dict accepts them without it.
     trunk_keys = {k for k in net.state_dict() if not k.startswith("fc.")}
-    missing = sorted(trunk_keys - set(state)) if isinstance(state, dict) else ["<not a dict>"]
+    required = {k for k in trunk_keys if not k.endswith("num_batches_tracked")}
+    missing = sorted(required - set(state)) if isinstance(state, dict) else ["<not a dict>"]
     if missing:
         raise RuntimeError(f"--saliency-weights {weights_path}: not a torchvision ResNet-50 state_dict "
                            f"({len(missing)} trunk weights missing, e.g. {missing[0]})")
     try:
-        net.load_state_dict({k: state[k] for k in trunk_keys}, strict=False)
+        net.load_state_dict({k: state[k] for k in trunk_keys if k in state}, strict=False)
     except RuntimeError as error:                                     # shape mismatch
         raise RuntimeError(f"--saliency-weights {weights_path}: weights do not fit a ResNet-50 "
                            f"({str(error).splitlines()[-1].strip()})") from None
@@ -258,5 +269,11 @@ class Saliency(nn.Module):
     def from_map(self, saliency_map):
         """Foreground patches of a dense map `[B, h, w]`: patch scores, then the mean - 0.6 std
         rule. `sal.from_map(scda_saliency(feature_map))` reuses a forward pass the caller
-        already made (train.py: the key encoder's, for `--saliency self`)."""
+        already made (train.py: the key encoder's, for `--saliency self`). A map smaller than
+        2x2 (a ResNet's last map of a 32 px view with the ImageNet stem is 1x1) is refused:
+        upsampled to the grid it is constant, and only float rounding would pick foreground."""
+        h, w = saliency_map.shape[-2:]
+        if min(h, w) < 2:
+            raise ValueError(f"a {h}x{w} saliency map has no spatial extent, so it cannot say which patches "
+                             f"hold the object; for --saliency self use --stem cifar or a larger --image-size")
         return foreground_patches(patch_scores(saliency_map, self.grid), self.std_factor)

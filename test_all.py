@@ -63,6 +63,24 @@ def test_foreground_thresholds_the_unsorted_map():
     assert not fg[:, 4:].any() and not fg[4:].any()
 
 
+def test_a_map_with_no_spread_is_all_foreground_not_decided_by_float_rounding():
+    # A ResNet's 1x1 last map (ImageNet stem, 32 px) upsampled to the 7x7 grid: a constant
+    # row, up to float rounding, which used to pick 0-100 % of the patches as foreground.
+    scores = saliency.patch_scores(torch.rand(64, 1, 1) * 100 + 1, 7)
+    assert torch.equal(saliency.foreground_patches(scores), torch.ones(64, 49, dtype=torch.bool))
+    assert saliency.foreground_patches(torch.zeros(2, 49)).all()
+    one_dip = torch.full((1, 49), 1e-3)
+    one_dip[0, 3] = 0                                                 # a small but real spread still counts
+    assert saliency.foreground_patches(one_dip).sum() == 48 and not saliency.foreground_patches(one_dip)[0, 3]
+
+
+def test_self_saliency_refuses_a_map_without_spatial_extent():
+    imagenet_stem = models.ResNetEncoder("resnet18")                  # 32 px -> a 1x1 map
+    with pytest.raises(ValueError, match="--stem cifar"):
+        saliency.Saliency("self", 7)(torch.randn(4, 3, 32, 32), encoder=imagenet_stem)
+    assert saliency.Saliency("self", 7)(torch.randn(4, 3, 64, 64), encoder=imagenet_stem).shape == (4, 49)
+
+
 def test_patch_scores_average_the_same_patches_as_the_pixel_masks():
     g = torch.Generator().manual_seed(0)
     for grid, (H, W) in [(5, (36, 52)), (7, (224, 224)), (7, (32, 32)), (3, (8, 13))]:
@@ -165,6 +183,14 @@ def test_pretrained_saliency_loads_a_local_state_dict(resnet50_weights):
     assert not any(p.requires_grad for p in sal.parameters())
     sal.train()
     assert not sal.trunk.training                                     # frozen BN statistics
+
+
+def test_pretrained_weights_without_num_batches_tracked_load(resnet50_weights, tmp_path):
+    state = torch.load(resnet50_weights, weights_only=True)           # older torchvision files lack the counters
+    path = tmp_path / "old.pth"
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+    trunk = saliency.load_resnet50_trunk(str(path))
+    assert torch.equal(trunk[1].running_var, state["bn1.running_var"])
 
 
 def test_pretrained_saliency_bad_weights_give_one_clear_error(tmp_path):
@@ -563,6 +589,27 @@ def test_encoder_shapes_and_cifar_stem():
         models.ResNetEncoder("vit_b_16")
 
 
+@pytest.mark.parametrize("size", [32, 33, 64, 96, 100, 224])
+def test_feature_map_size_matches_the_encoder(size):
+    for cifar_stem in (False, True):
+        encoder = models.ResNetEncoder("resnet18", cifar_stem=cifar_stem)
+        side = encoder.eval().feature_map(torch.randn(1, 3, size, size)).shape[-1]
+        assert models.feature_map_size(size, cifar_stem=cifar_stem) == side
+
+
+def test_batch_stats_only_normalises_with_the_batch_and_leaves_running_stats():
+    torch.manual_seed(0)
+    for bn in (models.SplitBatchNorm2d(3, 2), nn.BatchNorm2d(3)):
+        bn.train()
+        x = torch.randn(8, 3, 4, 4) * 3 + 1
+        expected = bn(x)                                              # a normal pass, batch statistics
+        before = {k: v.clone() for k, v in bn.state_dict().items()}
+        with models.batch_stats_only(bn):
+            torch.testing.assert_close(bn(x), expected)
+        assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
+        assert bn.track_running_stats                                 # restored on exit
+
+
 def make_framework(name):
     torch.manual_seed(0)
     encoder = models.ResNetEncoder("resnet18", cifar_stem=True, bn_splits=2)
@@ -602,6 +649,59 @@ def test_moco_never_enqueues_hard_negatives_and_sends_no_gradient_to_the_key_enc
     assert model.encoder_q.trunk.conv1.weight.grad is not None
 
 
+def running_stats(model):
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+@pytest.mark.parametrize("name", ["moco", "simclr"])
+def test_hard_negative_passes_leave_every_running_statistic_as_it_was(name):
+    # The encoder that kNN and the probe evaluate (and MoCo's key encoder) must be normalised
+    # with statistics of the views it trains on, not of 40-70 % noise.
+    query, key, hard = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), torch.randn(8, 2, 3, 32, 32) * 5
+    after = []
+    for hard_negatives in (hard, None):
+        model = make_framework(name).train()
+        torch.manual_seed(3)
+        model(query, key, hard_negatives)
+        after.append(running_stats(model))
+    assert after[0].keys() == after[1].keys() and len(after[0]) > 20
+    assert all(torch.equal(after[0][k], after[1][k]) for k in after[0]), \
+        [k for k in after[0] if not torch.equal(after[0][k], after[1][k])][:3]
+
+
+@pytest.mark.parametrize("name", ["moco", "simclr"])
+def test_release_pairing_gives_every_query_the_first_images_hard_negative(name, monkeypatch):
+    loss_fn = "info_nce" if name == "moco" else "nt_xent"
+    seen = {}
+    original = getattr(models, loss_fn)
+
+    def spy(*args, **kwargs):
+        seen[pairing] = args[3]                                        # the hard negatives [B, M, D]
+        return original(*args, **kwargs)
+    monkeypatch.setattr(models, loss_fn, spy)
+    query, key, hard = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), torch.randn(8, 1, 3, 32, 32)
+    losses_of_pairing = {}
+    for pairing in ("own", "release"):
+        model = make_framework(name).train()
+        model.pairing = pairing
+        torch.manual_seed(3)
+        losses_of_pairing[pairing], _ = model(query, key, hard)
+    own, release = seen["own"], seen["release"]
+    assert not torch.allclose(own[1:], own[:1].expand_as(own[1:]))     # own: each image its own
+    assert torch.equal(release, own[:1].expand_as(own))                # release: image 0's, for every query
+    assert not torch.isclose(losses_of_pairing["own"], losses_of_pairing["release"])
+    with pytest.raises(ValueError, match="choose one of"):
+        models.pair_hard_negatives(own, "mine")
+
+
+def test_byol_momentum_rises_from_its_base_to_one_by_a_cosine():
+    schedule = [models.cosine_momentum(0.99, step, 100) for step in range(101)]
+    assert schedule[0] == 0.99 and schedule[-1] == 1.0
+    assert math.isclose(schedule[50], 0.995)
+    assert all(a < b for a, b in zip(schedule, schedule[1:]))
+
+
 def test_byol_refuses_hard_negatives():
     model = make_framework("byol")
     with pytest.raises(ValueError, match="BYOL has no negatives"):
@@ -629,7 +729,7 @@ def test_moco_key_pass_reused_for_saliency_gives_the_same_loss():
     moco = models.MoCo(models.ResNetEncoder("resnet18", bn_splits=2), queue_size=32, momentum=0.9)
     twin = models.MoCo(models.ResNetEncoder("resnet18", bn_splits=2), queue_size=32, momentum=0.9)
     twin.load_state_dict(moco.state_dict())
-    query, key = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    query, key = torch.randn(8, 3, 64, 64), torch.randn(8, 3, 64, 64)     # a 2x2 last map
     torch.manual_seed(1)
     loss, _ = moco(query, key)
     torch.manual_seed(1)
@@ -851,11 +951,63 @@ def test_self_saliency_reuses_the_key_pass(tmp_path, monkeypatch):
     passes = []
     feature_map = models.ResNetEncoder.feature_map
     monkeypatch.setattr(models.ResNetEncoder, "feature_map", lambda self, x: passes.append(len(x)) or feature_map(self, x))
-    run_train(tmp_path, "--epochs", "1", "--max-steps", "1", "--saliency", "self")
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "1", "--saliency", "self", "--image-size", "64")
     # kNN before and after (128 train + 64 test images) and one step of batch 32: the query's
     # saliency, the key pass (which also gives the key's saliency), the hard negative, the
     # query. Without the reuse the key's saliency would be a fifth pass.
     assert passes == [128, 64] + [32] * 4 + [128, 64]
+
+
+def test_self_saliency_passes_leave_the_running_statistics_alone(tmp_path):
+    args = train.parse_args(["--saliency", "self", "--num-hard-negatives", "0", "--image-size", "64",
+                             "--batch-size", "16", "--bn-splits", "2", "--queue-size", "64",
+                             "--device", "cpu", "--out", str(tmp_path / "out")])
+    parts = train.build(args, steps_per_epoch=4)
+    views = data.make_shapes(16, 64)
+    batch = (views[0], views[0].flip(-1), views[1], views[1].flip(-1), views[2])
+    before = running_stats(parts.model)
+    train.make_views(args, batch, parts)                              # two saliency passes, no training pass
+    assert all(torch.equal(before[k], v) for k, v in running_stats(parts.model).items())
+
+
+def test_self_saliency_on_a_1x1_map_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_train(tmp_path, "--saliency", "self")                     # ImageNet stem at 32 px: 1x1
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "1x1" in err and "--stem cifar" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("framework", ["moco", "simclr"])
+def test_release_pairing_trains(tmp_path, framework):
+    result = run_train(tmp_path, "--framework", framework, "--hard-negative-pairing", "release",
+                       "--epochs", "1", "--max-steps", "2")
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert result["step"] == 2 and args["hard_negative_pairing"] == "release"
+
+
+def test_byol_training_follows_the_cosine_momentum(tmp_path):
+    args = train.parse_args(["--framework", "byol", "--masking", "none", "--batch-size", "16",
+                             "--bn-splits", "2", "--device", "cpu", "--out", str(tmp_path / "out")])
+    parts = train.build(args, steps_per_epoch=2)                      # 8 epochs: 16 steps
+    views = data.make_shapes(16, 32)
+    batch = (views[0], views[0].flip(-1), views[1], views[1].flip(-1), views[2])
+    momenta = []
+    for _ in range(3):
+        train.train_step(args, batch, parts)
+        momenta.append(parts.model.momentum)
+    assert momenta == [models.cosine_momentum(args.moco_momentum, step, 16) for step in range(3)]
+    assert momenta[0] == args.moco_momentum < momenta[1] < momenta[2] < 1
+
+
+def test_bn_splits_default_to_32_images_each_for_the_paper_recipe(tmp_path):
+    parse = lambda *argv: train.parse_args([*argv, "--framework", "simclr", "--device", "cpu",
+                                            "--out", str(tmp_path / "out")])
+    assert parse().bn_splits == 8                                     # small images: MoCo's CIFAR demo
+    assert parse("--dataset", "imagefolder", "--batch-size", "128").bn_splits == 4   # the release: 4 GPUs x 32
+    assert parse("--dataset", "imagefolder", "--batch-size", "96").bn_splits == 3
+    assert parse("--dataset", "imagefolder", "--batch-size", "100").bn_splits == 2   # a divisor of the batch
+    assert parse("--dataset", "imagefolder", "--bn-splits", "1").bn_splits == 1
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -899,7 +1051,8 @@ def test_evaluate_reads_everything_from_the_checkpoint(tmp_path):
     assert 0 <= results["knn_top1"] <= 100 and 0 <= results["linear_top1"] <= 100
     quality = results["saliency_quality"]
     assert quality["gt"] == {"iou": 100.0, "precision": 100.0}
-    assert set(quality) >= {"spectral", "self", "gt"}
+    assert set(quality) >= {"spectral", "gt"}
+    assert "self" not in quality and "1x1" in results["self_saliency"]      # ImageNet stem at 32 px
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["knn_top1"] == results["knn_top1"]
 
 

@@ -78,10 +78,17 @@ def parse_args(argv=None):
       help="M hard negatives per image (paper: 1); default 1 with --masking saliency, else 0")
     a("--alpha", type=float, default=None,
       help="weight of the hard-negative logits (paper: 2, the default; shapes: 1, see the README)")
+    a("--hard-negative-pairing", choices=models.PAIRINGS, default="own",
+      help="own: each query meets its own image's hard negative (the paper's text); release: every "
+           "query meets the batch's first image's (what the released code computes, see the README)")
     a("--queue-size", type=int, default=None, help="MoCo queue K (default 4096 small images, 65536 large)")
-    a("--moco-momentum", type=float, default=None, help="momentum m of the key/target encoder (0.99 small, 0.999 large)")
+    a("--moco-momentum", type=float, default=None,
+      help="momentum m of the key/target encoder (0.99 small, 0.999 large); BYOL: the base value, "
+           "raised to 1 by a cosine over training")
     a("--temperature", type=float, default=None, help="tau (0.1 small images, 0.2 large: paper)")
-    a("--bn-splits", type=int, default=8, help="BatchNorm sub-batches, simulating Shuffle-BN on one device")
+    a("--bn-splits", type=int, default=None,
+      help="BatchNorm sub-batches, simulating Shuffle-BN's GPUs on one device (default: 8 for small "
+           "images, MoCo's CIFAR demo; large images: one per 32 images, as the release's 4 GPUs at batch 128)")
     a("--amp", choices=["bf16", "fp16", "off"], default=None, help="autocast dtype (default bf16 on cuda, off on cpu)")
     a("--channels-last", action="store_true", help="channels_last memory format")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -126,6 +133,9 @@ def fill_defaults(args):
     if args.warmup_epochs is None:
         args.warmup_epochs = 1.0 if shapes else 0.0
     args.weight_decay = args.weight_decay if args.weight_decay is not None else (5e-4 if small else 1e-4)
+    if args.bn_splits is None:                                        # the largest divisor <= batch / 32
+        args.bn_splits = 8 if small else max(d for d in range(1, max(1, args.batch_size // 32) + 1)
+                                             if args.batch_size % d == 0)
     args.queue_size = args.queue_size or (4096 if small else 65536)
     args.moco_momentum = args.moco_momentum or (0.99 if small else 0.999)
     args.temperature = args.temperature or (0.1 if small else 0.2)
@@ -161,6 +171,11 @@ def check_args(p, args):
         p.error(f"--device {args.device}: no GPU is visible; use --device cpu")
     if args.image_size < 8 or args.grid < 1 or args.grid > args.image_size:
         p.error(f"--image-size {args.image_size} --grid {args.grid}: need 8 <= size and 1 <= grid <= size")
+    side = models.feature_map_size(args.image_size, cifar_stem=args.stem == "cifar")
+    if args.saliency == "self" and args.masking == "saliency" and side < 2:
+        p.error(f"--saliency self: the encoder's last feature map is {side}x{side} at --image-size "
+                f"{args.image_size} with --stem {args.stem}, which cannot say where the object is; "
+                f"use --stem cifar or --image-size {64 if args.stem == 'imagenet' else 16} or more")
     if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
         p.error(f"{args.out}/last.pt exists: continue it with --resume {args.out}/last.pt or pick another --out")
 
@@ -187,16 +202,24 @@ def make_views(args, batch, parts):
         with parts.autocast():                     # the key pass also gives the key's saliency
             keys = model.encode_keys(key)
         fg_k = sal.from_map(saliency.scda_saliency(keys[1].float()))
-    encoder, seen = model.saliency_encoder, masker.filter(view1)     # seen: what the encoders see
+    seen = masker.filter(view1)                                        # what the encoders see
+
+    def foreground(view, filtered_view, masks):
+        if not self_saliency:
+            return sal(view, masks=masks)
+        # The pass normalises with its batch's statistics, as the key pass does, but leaves the
+        # running statistics to the step's own passes.
+        with models.batch_stats_only(model.saliency_encoder):
+            return sal(filtered_view, encoder=model.saliency_encoder)
     fg_q = None
     if args.masking == "saliency":
-        fg_q = sal(seen if self_saliency else view1, encoder=encoder, masks=mask1)
+        fg_q = foreground(view1, seen, mask1)
     query, query_mask = masker(seen, fg_q, "positive", filtered=True)
     figures = {"masked_fraction": query_mask.float().mean(), "query_mask": query_mask, "view1": view1}
     negatives = None
     if args.num_hard_negatives:
         if fg_k is None:
-            fg_k = sal(key if self_saliency else view2, encoder=encoder, masks=mask2)
+            fg_k = foreground(view2, key, mask2)
         negatives = torch.stack([masker(key, fg_k, "negative", filtered=True)[0]
                                  for _ in range(args.num_hard_negatives)], 1)
         figures["fg_ratio"] = (fg_q.float().mean() + fg_k.float().mean()) / 2
@@ -208,7 +231,9 @@ def make_views(args, batch, parts):
 def build(args, steps_per_epoch):
     """What a training step needs, from the flags: model, optimizer, lr schedule (linear
     warm-up, then cosine), grad scaler, autocast, augmentation, saliency and masker.
-    bench.py times the same objects."""
+    bench.py times the same objects. The cosine steps with every optimizer step; the release
+    (MoCo's `adjust_learning_rate`) steps once per epoch, which differs by at most one epoch's
+    worth of decay and matters only for runs of a few epochs."""
     device = torch.device(args.device)
     model = models.build_model(args).to(device)
     if args.channels_last:
@@ -276,6 +301,9 @@ def train_step(args, batch, parts, timer=None):
     middle = timer.mark() if timer else None
     if args.channels_last:
         query, key = (x.contiguous(memory_format=torch.channels_last) for x in (query, key))
+    if isinstance(parts.model, models.BYOL):          # the target's momentum rises to 1 by a cosine
+        parts.model.momentum = models.cosine_momentum(args.moco_momentum, parts.scheduler.last_epoch,
+                                                      parts.total_steps)
     with parts.autocast():
         loss, model_figures = parts.step_fn(query, key, negatives, **({"keys": keys} if keys is not None else {}))
     parts.optimizer.zero_grad(set_to_none=True)
