@@ -187,7 +187,7 @@ def profile_parts(args, device):
             model.encode_keys(layout(views["key"]))
 
     def negative_forward():
-        with torch.no_grad(), parts.autocast():
+        with torch.no_grad(), parts.autocast(), models.batch_stats_only(model.encoder_k):
             models.forward_shuffled(model.key_network, layout(views["negatives"]))
 
     def optimizer_step():

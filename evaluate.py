@@ -3,8 +3,9 @@
     python evaluate.py --checkpoint runs/shapes-moco/last.pt
 
 The checkpoint carries its training flags, so nothing else is needed. Prints one JSON
-object and writes it next to the checkpoint (`eval.json`). With `--strategy hp` training,
-evaluation inputs are high-pass filtered as in the paper.
+object and writes it next to the checkpoint (`eval.json`). When training high-passed its views
+(`--strategy hp` with masking, or `--high-pass on`), evaluation inputs are high-passed too, as
+in the paper.
 
 Importable: `extract_features`, `knn_accuracy`, `linear_probe`, `saliency_quality`.
 """
@@ -202,8 +203,11 @@ def main(argv=None):
     model = models.build_model(train_args)
     model.load_state_dict(checkpoint["model"])
     encoder = model.backbone.to(device)
-    transform = masking.Masker(train_args.strategy, train_args.grid).filter if train_args.strategy == "hp" \
-        and train_args.masking != "none" else None
+    high_pass = getattr(train_args, "high_pass", None)               # None: a checkpoint from before the flag
+    if high_pass is None:
+        high_pass = "on" if train_args.strategy == "hp" and train_args.masking != "none" else "off"
+    transform = masking.Masker(train_args.strategy, train_args.grid, high_pass=True).filter \
+        if high_pass == "on" else None
     try:
         train_set, test_set = data.eval_datasets(train_args.dataset, args.data_dir or train_args.data_dir,
                                                  train_args.image_size, shapes_size=tuple(train_args.shapes_size))

@@ -215,24 +215,30 @@ class Masker:
     - `blur`: a masked patch is taken from a Gaussian-blurred copy of the view.
     - `mean`: a masked patch is set to the image's per-channel mean.
 
+    `high_pass`: whether `filter` high-passes views (None: for `hp` only, as in the paper).
+    On with another fill, or used alone by a caller that does not mask, it separates what the
+    filter does from what masking does.
+
     `dense_noise`: draw the hp noise for every pixel and select it with the mask (no host
     synchronisation), instead of for the masked pixels only. None: dense on GPUs, sparse on
     CPUs, where a dense draw costs more than it saves.
     """
 
     def __init__(self, strategy="hp", grid=7, *, positive_ratio=POSITIVE_RATIO,
-                 negative_ratio=NEGATIVE_RATIO, dense_noise=None):
+                 negative_ratio=NEGATIVE_RATIO, high_pass=None, dense_noise=None):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown masking strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
         self.strategy, self.grid = strategy, grid
+        self.high_pass = strategy == "hp" if high_pass is None else high_pass
         self.dense_noise = dense_noise            # hp noise drawn for every pixel; None: on GPUs
         self.ratios = {"positive": positive_ratio, "negative": negative_ratio}
         for low, high in self.ratios.values():
             sample_ratios(0, low, high)                               # validates the range
 
     def filter(self, views):
-        """What every view the encoders see goes through: high-pass for `hp`, else nothing."""
-        if self.strategy != "hp":
+        """What every view the encoders see goes through: the high-pass filter when
+        `high_pass` (by default for `hp`), else nothing."""
+        if not self.high_pass:
             return views
         return high_pass(views, *scaled_kernel(HP_KERNEL, HP_SIGMA, min(views.shape[-2:])))
 
@@ -263,6 +269,8 @@ class Masker:
         B, C, H, W = views.shape
         ratio = sample_ratios(B, *self.ratios[mode], generator, device=views.device)
         patch_masks = self.patch_masks(fg, ratio, mode, C, generator)          # [B, c, N]
+        fresh = not filtered and self.high_pass                       # the filter makes a new tensor
+        views = views if filtered else self.filter(views)
 
         if self.strategy == "hp":
             focal = _rand(B, generator, views.device) < FOCAL_PROB
@@ -274,9 +282,9 @@ class Masker:
             dense = self.dense_noise if self.dense_noise is not None else views.device.type != "cpu"
             if dense:                           # one dense draw: no host sync, the GPU keeps busy
                 noise = _randn(views.shape, generator, views.device, views.dtype) * std
-                return torch.where(pixel_mask, noise, views if filtered else self.filter(views)), pixel_mask
+                return torch.where(pixel_mask, noise, views), pixel_mask
             # CPU: draw noise for the masked pixels only (a dense draw costs more than the filter)
-            out = fill_noise_(views.clone() if filtered else self.filter(views),
+            out = fill_noise_(views if fresh else views.clone(),
                               patch_masks & ~focal[:, None, None], self.grid, std, generator)
             index = focal.nonzero()[:, 0]                             # focal images: a pixel mask
             out[index] = fill_noise_pixels_(out[index], focal_pixels[index], std, generator)

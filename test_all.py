@@ -23,6 +23,7 @@ import losses
 import masking
 import models
 import saliency
+import study
 import train
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -375,6 +376,19 @@ def test_hp_masker_mixes_focal_spatial_and_channel_wise_masks_as_released():
     spatial = same_channels & ~focal
     assert float(focal.double().mean()) == pytest.approx(0.2, abs=0.025)
     assert float(spatial.double().sum() / (~focal).sum()) == pytest.approx(0.3, abs=0.03)
+
+
+def test_high_pass_is_a_choice_of_its_own():
+    views = torch.randn(4, 3, 32, 32)
+    fg = torch.rand(4, 49) < 0.5
+    assert masking.Masker("hp", high_pass=False).filter(views) is views
+    blur_on_hp = masking.Masker("blur", high_pass=True)
+    filtered = blur_on_hp.filter(views)
+    torch.testing.assert_close(filtered, masking.high_pass(views, *masking.scaled_kernel(11, 5.0, 32)))
+    query, mask = blur_on_hp(views, fg, "positive", torch.Generator().manual_seed(0))
+    again, _ = blur_on_hp(filtered, fg, "positive", torch.Generator().manual_seed(0), filtered=True)
+    torch.testing.assert_close(query, again)                         # masks the high-passed view
+    assert torch.equal(query[~mask.expand_as(query)], filtered[~mask.expand_as(query)])
 
 
 def test_hard_negative_leaves_the_background_untouched():
@@ -958,6 +972,23 @@ def test_self_saliency_reuses_the_key_pass(tmp_path, monkeypatch):
     assert passes == [128, 64] + [32] * 4 + [128, 64]
 
 
+def test_high_pass_control_filters_every_view_without_masking(tmp_path):
+    parse = lambda *argv: train.parse_args([*argv, "--batch-size", "16", "--bn-splits", "2", "--queue-size", "64",
+                                            "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert (parse().high_pass, parse("--masking", "none").high_pass) == ("on", "off")     # the paper's pairing
+    assert parse("--strategy", "blur").high_pass == "off" and parse("--strategy", "blur", "--high-pass", "on").high_pass == "on"
+    images, masks, labels = data.make_shapes(16, 32)
+    batch = (images, images, masks, masks, labels)
+    views = {}
+    for high_pass in ("off", "on"):
+        args = parse("--masking", "none", "--high-pass", high_pass)
+        parts = train.build(args, steps_per_epoch=4)
+        torch.manual_seed(0)
+        views[high_pass] = train.make_views(args, batch, parts)[:2]
+    for plain, filtered in zip(views["off"], views["on"]):
+        torch.testing.assert_close(filtered, masking.high_pass(plain, *masking.scaled_kernel(11, 5.0, 32)))
+
+
 def test_self_saliency_passes_leave_the_running_statistics_alone(tmp_path):
     args = train.parse_args(["--saliency", "self", "--num-hard-negatives", "0", "--image-size", "64",
                              "--batch-size", "16", "--bn-splits", "2", "--queue-size", "64",
@@ -1074,3 +1105,47 @@ def test_bench_times_every_part_and_the_three_configurations(capsys, augment):
     out = capsys.readouterr().out
     for part in ("data", "saliency (2 views)", "mask building + filling", "hard-negative forward", "1.45x"):
         assert part in out
+
+
+# ============================================================================ study.py
+
+def study_record(row, seed, **changes):
+    args = {**study.resolve(row, seed, []), **changes}
+    return {"row": row, "commit": "abc1234", "args": args, "knn_top1": 50.0 + seed, "linear_top1": 60.0,
+            "knn_top1_random_init": 30.0}
+
+
+def test_study_identifies_a_run_by_every_resolved_flag(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([study_record(1, 0), study_record(1, 1, crop_scale=[0.2, 1.0])]))
+    started = []
+    monkeypatch.setattr(study, "run_one", lambda row, seed, args, lock: started.append((row, seed)))
+    study.main(["--rows", "1", "--seeds", "0", "1", "--results", str(results), "--out", str(tmp_path / "runs")])
+    # seed 0 is done; seed 1 ran with other crops, so it is another experiment and runs again
+    assert started == [(1, 1)]
+    table = capsys.readouterr().out
+    assert "| 1 | moco | MoCo v2 | 50.0 | 60.0 | 20.0 | 0 |" in table and "abc1234" in table
+
+
+def test_study_exits_non_zero_and_lists_the_failed_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: argparse.Namespace(returncode=1))
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--rows", "14", "--seeds", "3", "--results", str(tmp_path / "r.json"), "--out", str(tmp_path)])
+    assert stop.value.code == 1 and "row 14 seed 3: train.py failed" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_study_refuses_a_corrupt_results_file_in_one_line(tmp_path, capsys):
+    (tmp_path / "r.json").write_text("[{\"row\": 1,")
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--table", "--results", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "unreadable" in err and "\n" not in err
+
+
+def test_balanced_masking_with_true_foreground_tightens_how_much_object_a_query_loses():
+    shares = study.mechanism(num_images=1000)
+    random, gt = shares["random"], shares["balanced, true foreground (gt)"]
+    assert 5 <= gt["median"] <= 25                                    # r ~ U(0.05, 0.25) of the object
+    assert gt["p99"] < random["p99"] and gt["over_half"] <= random["over_half"]
+    assert "| random |" in study.mechanism_table(shares)

@@ -69,6 +69,10 @@ def parse_args(argv=None):
       help="where foreground comes from; paper: pretrained (needs weights, see --saliency-weights)")
     a("--saliency-weights", default=None, help="local torchvision ResNet-50 state_dict for --saliency pretrained")
     a("--strategy", choices=masking.STRATEGIES, default="hp", help="fill of masked patches (paper's best: hp)")
+    a("--high-pass", choices=["auto", "on", "off"], default="auto",
+      help="high-pass filter every view the encoders see, and the evaluation inputs; auto: on for "
+           "--strategy hp with masking (the paper), else off. '--masking none --high-pass on' is "
+           "the filter-only control: the plain framework on high-passed views")
     a("--grid", type=int, default=7, help="patch grid g x g (paper: 7)")
     a("--mask-ratio", type=float, nargs=2, default=[0.05, 0.25], metavar=("LO", "HI"),
       help="query mask ratio r ~ U(LO, HI) (paper: 0.05 0.25)")
@@ -141,6 +145,8 @@ def fill_defaults(args):
     args.temperature = args.temperature or (0.1 if small else 0.2)
     if args.num_hard_negatives is None:
         args.num_hard_negatives = int(args.masking == "saliency" and args.framework != "byol")
+    if args.high_pass == "auto":
+        args.high_pass = "on" if args.strategy == "hp" and args.masking != "none" else "off"
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.framework}")
     if args.dataset == "imagefolder":
         args.augment = "torchvision"                                  # images of any size, read one by one
@@ -194,8 +200,8 @@ def make_views(args, batch, parts):
     if augment is not None:                                           # --augment batched: raw uint8 in
         (view1, mask1), (view2, mask2) = augment(view1, mask1 if mask1.numel() else None), \
             augment(view2, mask2 if mask2.numel() else None)
-    if args.masking == "none":
-        return view1, view2, None, None, {"view1": view1}
+    if args.masking == "none":                                        # the filter alone, when asked for
+        return masker.filter(view1), masker.filter(view2), None, None, {"view1": view1}
     key, keys, fg_k = masker.filter(view2), None, None
     self_saliency = args.saliency == "self"        # the encoder's own maps: feed it what it trains on
     if self_saliency and args.num_hard_negatives and isinstance(model, models.MoCo):
@@ -257,7 +263,8 @@ def build(args, steps_per_epoch):
         autocast=lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
         augment=data.BatchedMoCoV2(args.image_size, tuple(args.crop_scale)) if args.augment == "batched" else None,
         sal=saliency.Saliency(args.saliency, args.grid, weights=args.saliency_weights).to(device),
-        masker=masking.Masker(args.strategy, args.grid, positive_ratio=tuple(args.mask_ratio),
+        masker=masking.Masker(args.strategy, args.grid, high_pass=args.high_pass == "on",
+                              positive_ratio=tuple(args.mask_ratio),
                               negative_ratio=tuple(args.hard_negative_ratio)))
 
 
@@ -493,7 +500,7 @@ def knn(args, model, masker, device):
     train_set, test_set = data.eval_datasets(args.dataset, args.data_dir, args.image_size,
                                              shapes_size=tuple(args.shapes_size))
     loader = lambda d: torch.utils.data.DataLoader(d, batch_size=256, num_workers=args.workers)
-    transform = masker.filter if args.masking != "none" else None
+    transform = masker.filter if args.high_pass == "on" else None
     train_features, train_labels = evaluate.extract_features(model.backbone, loader(train_set), device, transform=transform)
     test_features, test_labels = evaluate.extract_features(model.backbone, loader(test_set), device, transform=transform)
     labelled = train_labels >= 0
