@@ -1,17 +1,22 @@
-"""The reproduction study of the README: every ablation row of the paper's claim on `shapes`,
-several seeds, kNN and linear-probe accuracy with mean and spread.
+"""The study: which part of the method does what on `shapes`, with seeds and controls.
 
-    python study.py                                  # all rows, seeds 0 1; a GPU: ~10 min
-    python study.py --rows 1 6 --seeds 0 1 2         # some rows, more seeds
-    python study.py --table                          # the README table from results/study.json
+    python study.py                                  # every row and seed not yet in results/study.json
+    python study.py --rows 1 9 --seeds 0 1 2         # some rows, some seeds
+    python study.py --jobs 8 --device cuda           # a GPU: several runs at a time
+    python study.py --table                          # the README's table, from the results file
+    python study.py --mechanism                      # how much of the object a query's mask hides
 
-Each run is `python train.py FLAGS --seed S --out runs/study/NAME-sS` with the default budget
-(`--epochs`, `--shapes-size` of train.py unless given here), then `python evaluate.py
---checkpoint .../last.pt`. Runs go `--jobs` at a time. Each finished run is added to the
-results file at once, and runs already there are skipped, so a stopped study continues.
+Each run is `python train.py FLAGS --seed S` at the default budget of train.py (flags this
+script does not know go to train.py), then `python evaluate.py` on its checkpoint. A run is
+identified by every flag train.py resolves from the row's flags (its args.json), less where
+and how it ran (output folder, device, precision, loader workers): a run already in the
+results file is skipped, and a row whose flags or defaults change gets new runs. Each
+finished run is added to the results file at once, so a stopped study continues where it
+stopped. A study in which a run failed lists the failures and exits with status 1.
 """
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
 import statistics
@@ -19,54 +24,92 @@ import subprocess
 import sys
 import threading
 
-# (framework, name, train.py flags): SPEC.md section 5's comparison, numbered as in the issue.
+import torch
+
+import data
+import evaluate
+import masking
+import saliency
+import train
+
+# (framework, variant, train.py flags). Each question of the paper gets the rows that answer it.
 ROWS = [
+    # Does masking help a ConvNet contrastive learner? Is it the masking or the hp filter?
     ("moco", "MoCo v2", ["--masking", "none"]),
-    ("moco", "+ random masking", ["--masking", "random"]),
-    ("moco", "+ saliency masking, hp", ["--masking", "saliency", "--num-hard-negatives", "0"]),
-    ("moco", "+ saliency masking, blur", ["--masking", "saliency", "--num-hard-negatives", "0", "--strategy", "blur"]),
-    ("moco", "+ saliency masking, mean", ["--masking", "saliency", "--num-hard-negatives", "0", "--strategy", "mean"]),
-    ("moco", "+ saliency masking + hard negative, hp (the method)", ["--masking", "saliency"]),
-    # The ImageNet stem's last map of a 32 px view is 1x1, which train.py refuses for `self`.
-    ("moco", "the method, saliency self, CIFAR stem", ["--masking", "saliency", "--saliency", "self", "--stem", "cifar"]),
-    ("moco", "the method, saliency gt (oracle)", ["--masking", "saliency", "--saliency", "gt"]),
+    ("moco", "MoCo v2 on high-passed views, no masking (the filter alone)", ["--masking", "none", "--high-pass", "on"]),
+    # Does saliency tell you where? Random against balanced masking (spectral, and the oracle).
+    ("moco", "+ random masking, hp", ["--masking", "random"]),
+    ("moco", "+ balanced masking (spectral), hp", ["--num-hard-negatives", "0"]),
+    ("moco", "+ balanced masking (gt oracle), hp", ["--saliency", "gt", "--num-hard-negatives", "0"]),
+    ("moco", "+ random masking, blur", ["--masking", "random", "--strategy", "blur"]),
+    ("moco", "+ balanced masking (spectral), blur", ["--num-hard-negatives", "0", "--strategy", "blur"]),
+    ("moco", "+ balanced masking (gt oracle), blur", ["--saliency", "gt", "--num-hard-negatives", "0",
+                                                      "--strategy", "blur"]),
+    # Do hard negatives help? Alpha 1 (the shapes default), 2 (the paper's), the release's pairing.
+    ("moco", "the method: + hard negative, alpha 1, hp", []),
+    ("moco", "the method, alpha 2 (the paper's)", ["--alpha", "2"]),
+    ("moco", "the method, alpha 2, the release's pairing", ["--alpha", "2", "--hard-negative-pairing", "release"]),
+    # Fills.
+    ("moco", "the method, blur", ["--strategy", "blur"]),
+    ("moco", "the method, mean", ["--strategy", "mean"]),
+    # Other frameworks.
     ("simclr", "SimCLR", ["--masking", "none"]),
-    ("simclr", "+ random masking", ["--masking", "random"]),
-    ("simclr", "+ saliency masking + hard negative, hp (the method)", ["--masking", "saliency"]),
+    ("simclr", "+ random masking, hp", ["--masking", "random"]),
+    ("simclr", "the method, hp", []),
     ("byol", "BYOL", ["--masking", "none"]),
-    ("byol", "+ random masking", ["--masking", "random"]),
-    ("byol", "+ saliency masking, hp", ["--masking", "saliency"]),
+    ("byol", "+ random masking, hp", ["--masking", "random"]),
+    ("byol", "+ balanced masking (spectral), hp", []),
 ]
-# Self-saliency quality of the method's own encoder. (Row 1's was measured on high-passed
-# views, which that encoder never saw in training, by an evaluate.py since fixed.)
-SELF_ROWS = (7,)
+SEEDS = {"moco": [0, 1, 2], "simclr": [0, 1], "byol": [0, 1]}
+# Resolved flags that say where and how a run ran, not what it is.
+NOT_THE_EXPERIMENT = ("out", "resume", "device", "amp", "channels_last", "compile", "workers", "log_every",
+                      "knn_every", "data_dir", "download")
 
 
-def of_row(record, row):
-    """A result belongs to a row when it was trained with the row's flags as they are now
-    (a row whose flags changed does not inherit the old runs)."""
-    flags = ROWS[row - 1][2]
-    return record["row"] == row and record["flags"][:len(flags)] == flags
+def resolve(row, seed, train_args):
+    """train.py's resolved flags for a row and seed (train.parse_args, in this process; bad
+    flags stop the study with train.py's one-line error)."""
+    framework, _, flags = ROWS[row - 1]
+    argv = ["--framework", framework, *flags, *train_args, "--seed", str(seed), "--out", os.devnull]
+    return vars(train.parse_args(argv))
+
+
+def identity(args, *, with_seed=True):
+    """What makes two runs the same experiment: every resolved flag but NOT_THE_EXPERIMENT."""
+    drop = NOT_THE_EXPERIMENT + (() if with_seed else ("seed",))
+    return json.dumps({k: v for k, v in args.items() if k not in drop}, sort_keys=True)
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def run_one(row, seed, args, lock):
-    framework, name, flags = ROWS[row - 1]
-    out = os.path.join(args.out, f"row{row}-s{seed}")
-    train_argv = [sys.executable, "train.py", "--framework", framework, *flags, "--seed", str(seed),
-                  "--out", out, "--log-every", "60", *args.train_args]
+    """Train and evaluate one run; add its record to the results file. Returns None, or why it failed."""
+    framework, name, _ = ROWS[row - 1]
+    digest = hashlib.sha1(identity(resolve(row, seed, args.train_args)).encode()).hexdigest()[:8]
+    out = os.path.join(args.out, f"row{row:02d}-{framework}-s{seed}-{digest}")
+    train_argv = ["--framework", framework, *ROWS[row - 1][2], *args.train_args, "--seed", str(seed),
+                  "--out", out, "--log-every", "60"]
     if os.path.exists(os.path.join(out, "last.pt")):
         train_argv += ["--resume", os.path.join(out, "last.pt")]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     os.makedirs(args.out, exist_ok=True)
     with open(out + ".log", "a") as log:
-        for argv in (train_argv, [sys.executable, "evaluate.py", "--checkpoint", os.path.join(out, "last.pt")]):
-            if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
-                return print(f"row {row} seed {seed}: failed, see {out}.log", flush=True)
+        for argv in (["train.py", *train_argv], ["evaluate.py", "--checkpoint", os.path.join(out, "last.pt")]):
+            if subprocess.run([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                return f"row {row} seed {seed}: {argv[0]} failed, see {out}.log"
+    with open(os.path.join(out, "args.json")) as f:
+        resolved = json.load(f)
     with open(os.path.join(out, "eval.json")) as f:
         evaluation = json.load(f)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         final = [r for r in map(json.loads, f) if r.get("final")][-1]
-    record = {"row": row, "framework": framework, "name": name, "flags": flags + args.train_args, "seed": seed,
+    record = {"row": row, "framework": framework, "name": name, "commit": commit(), "args": resolved,
               "knn_top1": evaluation["knn_top1"], "linear_top1": evaluation["linear_top1"],
               "knn_top1_random_init": final["knn_top1_random_init"], "steps": final["step"],
               "train_minutes": final["minutes"], "saliency_quality": evaluation.get("saliency_quality")}
@@ -74,15 +117,23 @@ def run_one(row, seed, args, lock):
         results = load(args.results)
         results.append(record)
         save(args.results, results)
-    print(f"row {row} seed {seed}: kNN {record['knn_top1']:.2f} %, linear {record['linear_top1']:.2f} % "
-          f"({name}, {framework})", flush=True)
+    print(f"row {row} seed {seed}: kNN {record['knn_top1']:.2f} % (random init {record['knn_top1_random_init']:.2f}), "
+          f"linear {record['linear_top1']:.2f} % ({framework}, {name})", flush=True)
 
 
 def load(path):
+    """The results file's records (a JSON list); none when it does not exist yet."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as error:
+        evaluate.fail(f"--results {path}: unreadable ({type(error).__name__}); restore it from git or pass "
+                      f"another --results")
+    if not isinstance(results, list):
+        evaluate.fail(f"--results {path}: not a JSON list of runs; restore it from git or pass another --results")
+    return results
 
 
 def save(path, results):
@@ -97,57 +148,97 @@ def spread(values):
     return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def table(results):
-    """Markdown: one line per row, mean ± standard deviation over seeds; then saliency quality."""
-    lines = ["| # | framework | variant | kNN top-1 (%) | linear top-1 (%) | random-init kNN (%) | seeds |",
+def runs_of_row(results, row, train_args):
+    """The records trained with the row's flags as train.py resolves them today, any seed."""
+    wanted = identity(resolve(row, 0, train_args), with_seed=False)
+    return [r for r in results if "args" in r and identity(r["args"], with_seed=False) == wanted]
+
+
+def table(results, train_args=()):
+    """Markdown: a line per row with runs, mean ± standard deviation over its seeds."""
+    lines = ["| # | framework | variant | kNN top-1 (%) | linear top-1 (%) | kNN over random init (points) | seeds |",
              "|---|---|---|---|---|---|---|"]
+    commits = set()
     for row, (framework, name, _) in enumerate(ROWS, 1):
-        runs = [r for r in results if of_row(r, row)]
+        runs = runs_of_row(results, row, train_args)
         if runs:
+            commits |= {r["commit"] for r in runs}
             lines.append(f"| {row} | {framework} | {name} | {spread([r['knn_top1'] for r in runs])} | "
                          f"{spread([r['linear_top1'] for r in runs])} | "
-                         f"{spread([r['knn_top1_random_init'] for r in runs])} | {len(runs)} |")
-    quality = {}
-    for r in results:              # spectral, gt: the same for every run; self: the run's own encoder
-        if not of_row(r, r["row"]):
-            continue
-        for source, figures in (r.get("saliency_quality") or {}).items():
-            if source == "self" and r["row"] not in SELF_ROWS:
-                continue
-            key = f"self, encoder of row {r['row']} ({r['framework']}, {r['name']})" if source == "self" else source
-            quality.setdefault(key, []).append(figures)
-    if quality:
-        lines += ["", "| saliency source | patch IoU (%) | precision (%) | runs |", "|---|---|---|---|"]
-        for source, figures in sorted(quality.items()):
-            lines.append(f"| {source} | {spread([f['iou'] for f in figures])} | "
-                         f"{spread([f['precision'] for f in figures])} | {len(figures)} |")
+                         f"{spread([r['knn_top1'] - r['knn_top1_random_init'] for r in runs])} | "
+                         f"{', '.join(str(r['args']['seed']) for r in sorted(runs, key=lambda r: r['args']['seed']))} |")
+    return "\n".join(lines + ["", f"Commits: {', '.join(sorted(commits)) or 'none'}."])
+
+
+@torch.no_grad()
+def mechanism(num_images=5000, image_size=32, grid=7, seed=0):
+    """The paper's argument, measured without training: the share of the object's pixels
+    that a query's mask hides, for uniform random masking and for balanced masking with
+    spectral and with true (gt) foreground. Views are the `shapes` training views (the
+    batched MoCo v2 augmentation at the `shapes` crop scale, 0.85-1), masks the grid masks
+    at the paper's query ratio r ~ U(0.05, 0.25) (the hp fill's focal masks and its 0.55 cap
+    aside). Returns {masking: {"median", "p90", "p99", "over_half"}}, shares in %."""
+    torch.manual_seed(seed)
+    images, object_masks, _ = data.make_shapes(num_images, image_size, seed=seed + 1)
+    views, object_masks = data.BatchedMoCoV2(image_size, (0.85, 1.0))(images, object_masks)
+    ratio = masking.sample_ratios(num_images, *masking.POSITIVE_RATIO)
+    foregrounds = {"random": None,
+                   "balanced, spectral saliency": saliency.Saliency("spectral", grid)(views),
+                   "balanced, true foreground (gt)": saliency.Saliency("gt", grid)(views, masks=object_masks)}
+    shares = {}
+    for name, fg in foregrounds.items():
+        patches = masking.random_mask(num_images, grid * grid, ratio) if fg is None else masking.balanced_mask(fg, ratio)
+        hidden = masking.patch_to_pixel_mask(patches, grid, image_size, image_size) & object_masks
+        share = 100 * hidden.sum((1, 2)) / object_masks.sum((1, 2)).clamp(min=1)
+        q = torch.quantile(share, torch.tensor([0.5, 0.9, 0.99]))
+        shares[name] = {"median": round(float(q[0]), 1), "p90": round(float(q[1]), 1),
+                        "p99": round(float(q[2]), 1), "over_half": round(100 * float((share > 50).float().mean()), 2)}
+    return shares
+
+
+def mechanism_table(shares):
+    lines = ["| query mask | share of the object hidden: median | 90th percentile | 99th percentile | views with over half hidden |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {s['median']} % | {s['p90']} % | {s['p99']} % | {s['over_half']} % |"
+              for name, s in shares.items()]
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=list(range(1, len(ROWS) + 1)),
                         help=f"row numbers, 1-{len(ROWS)}")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="default: 0 1 2 for MoCo rows, 0 1 for SimCLR and BYOL rows")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (a GPU takes several)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
     parser.add_argument("--out", default="runs/study", help="run folders")
     parser.add_argument("--results", default="results/study.json")
     parser.add_argument("--table", action="store_true", help="only print the table of --results")
-    args, args.train_args = parser.parse_known_args()                # the rest goes to train.py
-    if args.table:
-        return print(table(load(args.results)))
+    parser.add_argument("--mechanism", action="store_true",
+                        help="only measure how much of the object a query mask hides (no training)")
+    args, args.train_args = parser.parse_known_args(argv)             # the rest goes to train.py
     bad = [r for r in args.rows if not 1 <= r <= len(ROWS)]
     if bad:
-        parser.error(f"--rows {bad[0]}: rows are 1-{len(ROWS)}")
-    done = {(r["row"], r["seed"]) for r in load(args.results) if of_row(r, r["row"])}
-    todo = [(row, seed) for seed in args.seeds for row in args.rows if (row, seed) not in done]
-    print(f"{len(todo)} runs to do, {len(done)} in {args.results}; {args.jobs} at a time", flush=True)
+        evaluate.fail(f"--rows {bad[0]}: rows are 1-{len(ROWS)}")
+    if args.jobs < 1 or args.threads < 1:
+        evaluate.fail(f"--jobs {args.jobs} --threads {args.threads}: need at least 1 of each")
+    if args.mechanism:
+        return print(mechanism_table(mechanism()))
+    results = load(args.results)
+    if args.table:
+        return print(table(results, args.train_args))
+    done = {identity(r["args"]) for r in results if "args" in r}
+    todo = [(row, seed) for row in args.rows for seed in (args.seeds or SEEDS[ROWS[row - 1][0]])
+            if identity(resolve(row, seed, args.train_args)) not in done]
+    print(f"{len(todo)} runs to do, {len(results)} in {args.results}; {args.jobs} at a time", flush=True)
     lock = threading.Lock()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        for future in [pool.submit(run_one, row, seed, args, lock) for row, seed in todo]:
-            future.result()
-    print(table(load(args.results)))
+        failures = [f for f in pool.map(lambda job: run_one(*job, args, lock), todo) if f]
+    print(table(load(args.results), args.train_args))
+    if failures:
+        print(f"{len(failures)} of {len(todo)} runs failed:", *failures, sep="\n", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
