@@ -5,6 +5,7 @@
     python study.py --jobs 8 --device cuda           # a GPU: several runs at a time
     python study.py --table                          # the README's table, from the results file
     python study.py --mechanism                      # how much of the object a query's mask hides
+    python study.py --figure results/views.png       # the README's picture of the views
 
 Each run is `python train.py FLAGS --seed S` at the default budget of train.py (flags this
 script does not know go to train.py), then `python evaluate.py` on its checkpoint. A run is
@@ -204,6 +205,19 @@ def mechanism_table(shares):
     return "\n".join(lines)
 
 
+def figure(path, train_args=(), count=6, seed=0):
+    """The views of one batch of the default run (or of `train_args`), drawn as train.py
+    draws its per-epoch grids: view, foreground, query mask, query, key, hard negative."""
+    args = train.parse_args(["--batch-size", "16", "--bn-splits", "2", "--queue-size", "64", "--device", "cpu",
+                             "--out", os.devnull, *train_args])
+    parts = train.build(args, steps_per_epoch=1)
+    images, masks, labels = data.make_shapes(16, args.image_size, seed=seed + 2)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        query, key, negatives, _, figures = train.make_views(args, (images, images, masks, masks, labels), parts)
+    train.save_view_grid(path, figures, query, key, negatives, args.grid, count=count)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=list(range(1, len(ROWS) + 1)),
@@ -217,6 +231,7 @@ def main(argv=None):
     parser.add_argument("--table", action="store_true", help="only print the table of --results")
     parser.add_argument("--mechanism", action="store_true",
                         help="only measure how much of the object a query mask hides (no training)")
+    parser.add_argument("--figure", metavar="PNG", help="only draw the views of one batch (the README's picture)")
     args, args.train_args = parser.parse_known_args(argv)             # the rest goes to train.py
     bad = [r for r in args.rows if not 1 <= r <= len(ROWS)]
     if bad:
@@ -225,6 +240,8 @@ def main(argv=None):
         evaluate.fail(f"--jobs {args.jobs} --threads {args.threads}: need at least 1 of each")
     if args.mechanism:
         return print(mechanism_table(mechanism()))
+    if args.figure:
+        return figure(args.figure, args.train_args)
     results = load(args.results)
     if args.table:
         return print(table(results, args.train_args))

@@ -934,7 +934,9 @@ def test_resume_gives_the_same_losses_as_an_unbroken_run(tmp_path):
     whole, broken = losses_of(tmp_path / "whole"), losses_of(tmp_path / "broken")
     assert sorted(whole) == sorted(broken) == list(range(1, 9))
     assert whole == broken
-    assert (tmp_path / "whole" / "views_epoch2.png").is_file()
+    from PIL import Image
+    with Image.open(tmp_path / "whole" / "views_epoch2.png") as grid:  # 6 images x 6 labelled 96 px columns
+        assert grid.size == (6 * 100 + 4, 22 + 6 * 100 + 34)
 
 
 def test_max_steps_stop_inside_an_epoch_resumes_at_the_next_batch(tmp_path):

@@ -221,7 +221,7 @@ def make_views(args, batch, parts):
     if args.masking == "saliency":
         fg_q = foreground(view1, seen, mask1)
     query, query_mask = masker(seen, fg_q, "positive", filtered=True)
-    figures = {"masked_fraction": query_mask.float().mean(), "query_mask": query_mask, "view1": view1}
+    figures = {"masked_fraction": query_mask.float().mean(), "query_mask": query_mask, "view1": view1, "fg": fg_q}
     negatives = None
     if args.num_hard_negatives:
         if fg_k is None:
@@ -325,22 +325,51 @@ def train_step(args, batch, parts, timer=None):
     return loss, {**figures, **model_figures}, (query, key, negatives)
 
 
-def save_view_grid(path, view1, figures, query, key, negatives, count=8):
-    """PNG rows: the view, its patch mask over it, the query as the encoder sees it, the key,
-    the first hard negative. Filtered (hp) images are stretched to [0, 1] per image."""
-    import torchvision.utils
+def save_view_grid(path, figures, query, key, negatives, grid, *, count=6, cell=96):
+    """A labelled PNG, one image per row: the augmented view, its foreground patches (green),
+    its query mask (red), the query and the key as the encoders see them, the first hard
+    negative (the columns that the run has). Views are scaled to `cell` px (nearest, so 32 px patches stay sharp); filtered
+    (hp) images are stretched to [0, 1] per image."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    def show(x):
+    def stretch(x):
         x = x[:count].float().cpu()
         low, high = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
         return (x - low) / (high - low + 1e-6)
 
-    rows = [show(view1)]
+    def tint(x, mask, colour):                                        # mask: [n, 1 or C, H, W]
+        mask = mask[:count].float().mean(1, keepdim=True).cpu()
+        return x * (1 - 0.6 * mask) + torch.tensor(colour).view(1, 3, 1, 1) * 0.6 * mask
+
+    view = stretch(figures["view1"])
+    H, W = view.shape[-2:]
+    columns = [("view", view)]
+    if figures.get("fg") is not None:
+        fg = masking.patch_to_pixel_mask(figures["fg"][:count, None].cpu(), grid, H, W)
+        columns.append(("foreground", tint(view, fg, [0.1, 0.9, 0.1])))
     if "query_mask" in figures:
-        mask = figures["query_mask"][:count].float().mean(1, keepdim=True).cpu()
-        rows.append(rows[0] * (1 - 0.7 * mask) + torch.tensor([0.7, 0, 0]).view(1, 3, 1, 1) * mask)
-    rows += [show(query), show(key)] + ([show(negatives[:, 0])] if negatives is not None else [])
-    torchvision.utils.save_image(torch.cat(rows), path, nrow=min(count, len(view1)))
+        columns.append(("query mask", tint(view, figures["query_mask"], [0.95, 0.1, 0.1])))
+    columns += [("query", stretch(query)), ("key", stretch(key))]
+    if negatives is not None:
+        columns.append(("hard negative", stretch(negatives[:, 0])))
+    rows, header, footer, gap = len(view), 22, 34, 4
+    sheet = Image.new("RGB", (len(columns) * (cell + gap) + gap, header + rows * (cell + gap) + footer), "white")
+    draw = ImageDraw.Draw(sheet)
+    try:
+        font = ImageFont.load_default(size=11)
+    except (TypeError, OSError):                                      # a Pillow without FreeType
+        font = ImageFont.load_default()
+    for c, (label, images) in enumerate(columns):
+        x = gap + c * (cell + gap)
+        draw.text((x, 5), label, fill="black", font=font)
+        big = torch.nn.functional.interpolate(images, size=(cell, cell), mode="nearest")
+        for r in range(rows):
+            pixels = (big[r].clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            sheet.paste(Image.fromarray(pixels), (x, header + r * (cell + gap)))
+    draw.text((gap, header + rows * (cell + gap) + 3), "query, key, hard negative: as the encoders see them "
+              "(high-passed views stretched to full contrast).\nThe key is the image's other view; the hard "
+              "negative is the key with most of its foreground masked.", fill="black", font=font)
+    sheet.save(path)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -453,7 +482,7 @@ def train(args):
                 record = {"epoch": epoch + 1, "step": step, "loss": round(loss.item(), 5),
                           "lr": scheduler.get_last_lr()[0]}
                 record.update({k: round(float(v), 4) for k, v in figures.items()
-                               if v.numel() == 1})
+                               if v is not None and v.numel() == 1})
                 rate = (step - epoch_first_step) * args.batch_size / (time.perf_counter() - epoch_start)
                 eta = (stop_at - step) * args.batch_size / rate
                 print(f"epoch {epoch + 1}/{args.epochs} step {step}/{stop_at} loss {record['loss']:.4f} "
@@ -475,7 +504,7 @@ def train(args):
         split = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
         print(f"epoch {epoch} done in {time.perf_counter() - epoch_start:.0f} s: {split}")
         log({"epoch": epoch, "step": step, "time": {k: round(v, 2) for k, v in seconds.items()}})
-        save_view_grid(os.path.join(args.out, f"views_epoch{epoch}.png"), figures["view1"], figures, query, key, negatives)
+        save_view_grid(os.path.join(args.out, f"views_epoch{epoch}.png"), figures, query, key, negatives, args.grid)
         save_checkpoint(os.path.join(args.out, "last.pt"), state())
 
     knn_after = knn(args, model, masker, device)
