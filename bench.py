@@ -25,6 +25,7 @@ import time
 import torch
 
 import data
+import evaluate
 import masking
 import models
 import train
@@ -246,7 +247,7 @@ def describe(device):
     return f"{torch.get_num_threads()} threads"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["step", "masking"], default="step", help="what to time")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -270,10 +271,19 @@ def main():
                       help="batched: on the device (train.py's default); torchvision: per image in the loader")
     step.add_argument("--workers", type=int, default=0, help="loader workers (the batched augmentation runs on the device)")
     step.add_argument("--steps", type=int, default=10, help="steps per timed turn")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "grid", "repeats", "steps", "image_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            evaluate.fail(f"--{flag.replace('_', '-')} {value}: need at least 1 (see python bench.py --help)")
+    if args.workers < 0:
+        evaluate.fail(f"--workers {args.workers}: need at least 0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        evaluate.fail(f"--device {args.device}: use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no GPU is visible; use --device cpu")
+        evaluate.fail("--device cuda: no GPU is visible; use --device cpu")
     if args.part == "masking":
         args.image_size = args.image_size or 224
         bench_masking(args, device)

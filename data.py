@@ -13,10 +13,12 @@
 Every view is normalised with the ImageNet mean and std (what the pretrained saliency
 network expects), whatever the dataset. Depends on torch, torchvision and numpy.
 """
+import contextlib
 import functools
 import math
 import os
 import pickle
+import shutil
 
 import numpy as np
 import torch
@@ -130,7 +132,8 @@ def load_cifar(data_dir, name, train, download=False):
     paths = [os.path.join(data_dir, folder, f) for f in files]
     if download and not all(map(os.path.isfile, paths)):
         import torchvision.datasets as tvd
-        (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(data_dir, train=train, download=True)
+        with cleaned_up_on_failure(data_dir, f"--dataset {name} --download"):
+            (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(data_dir, train=train, download=True)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"--dataset {name}: missing {missing[0]}; put the python version of "
@@ -141,8 +144,9 @@ def load_cifar(data_dir, name, train, download=False):
         images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
         labels = np.concatenate([b[key] for b in batches])
     except Exception as error:
-        raise DataError(f"--dataset {name}: cannot read {paths[0]} ({type(error).__name__}); "
-                        f"re-download it with --download") from None
+        raise DataError(f"--dataset {name}: cannot read the files in {os.path.join(data_dir, folder)} "
+                        f"({type(error).__name__}): they are damaged; delete that folder and run again "
+                        f"with --download (or copy good files there)") from None
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -151,7 +155,8 @@ def load_stl10(data_dir, split, download=False):
     folder = os.path.join(data_dir, "stl10_binary")
     if download and not os.path.isdir(folder):
         import torchvision.datasets as tvd
-        tvd.STL10(data_dir, split="train", download=True)
+        with cleaned_up_on_failure(data_dir, "--dataset stl10 --download"):
+            tvd.STL10(data_dir, split="train", download=True)
     path = os.path.join(folder, f"{split}_X.bin")
     if not os.path.isfile(path):
         raise DataError(f"--dataset stl10: missing {path}; put the STL-10 binaries in {folder} "
@@ -169,11 +174,40 @@ def load_stl10(data_dir, split, download=False):
     return images, labels
 
 
+@contextlib.contextmanager
+def cleaned_up_on_failure(data_dir, what):
+    """A download that fails (no internet, a full disk) leaves nothing behind: whatever it
+    created under `data_dir` is removed, and one DataError says what to do."""
+    existed = os.path.isdir(data_dir)
+    before = set(os.listdir(data_dir)) if existed else set()
+    try:
+        yield
+    except Exception as error:
+        for entry in (set(os.listdir(data_dir)) - before) if os.path.isdir(data_dir) else ():
+            path = os.path.join(data_dir, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
+            os.rmdir(data_dir)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{what}: the download failed ({reason}); on a machine without internet, put the "
+                        f"files in {data_dir} by hand") from None
+
+
+def read_image(path):
+    """ImageFolder's loader, with one line naming an unreadable file instead of a traceback."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read the image {path} ({type(error).__name__}); remove or replace it") from None
+
+
 def load_imagefolder(data_dir, split):
     from torchvision.datasets import ImageFolder
     root = os.path.join(data_dir, split)
     try:
-        return ImageFolder(root)
+        return ImageFolder(root, loader=read_image)
     except (FileNotFoundError, OSError) as error:
         raise DataError(f"--dataset imagefolder: {root} ({error}); expected images as "
                         f"{data_dir}/train/<class>/*.jpg and {data_dir}/val/<class>/*.jpg") from None

@@ -187,6 +187,10 @@ def main(argv=None):
     parser.add_argument("--knn-k", type=int, default=200)
     parser.add_argument("--saliency-weights", default=None, help="ResNet-50 state_dict for the pretrained source")
     args = parser.parse_args(argv)
+    for flag, value in (("--knn-k", args.knn_k), ("--probe-epochs", args.probe_epochs), ("--epochs", args.epochs),
+                        ("--image-size", args.image_size)):
+        if value < 1:
+            fail(f"{flag} {value}: need at least 1")
     if args.supervised:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         results = supervised_baseline(image_size=args.image_size, epochs=args.epochs, device=device)
@@ -215,8 +219,11 @@ def main(argv=None):
         fail(error)
     loader = lambda dataset: torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=train_args.workers)
     start = time.time()
-    train_features, train_labels = extract_features(encoder, loader(train_set), device, transform=transform)
-    test_features, test_labels = extract_features(encoder, loader(test_set), device, transform=transform)
+    try:
+        train_features, train_labels = extract_features(encoder, loader(train_set), device, transform=transform)
+        test_features, test_labels = extract_features(encoder, loader(test_set), device, transform=transform)
+    except data.DataError as error:                                   # an unreadable image, maybe in a worker
+        fail(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1])
     labelled = train_labels >= 0
     results = {
         "checkpoint": args.checkpoint, "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),

@@ -883,6 +883,42 @@ def test_imagefolder_loader_reads_class_folders(tmp_path):
     assert view1.shape == view2.shape == (3, 24, 24)
 
 
+def test_an_unreadable_image_is_named_in_one_line(tmp_path, capsys):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / split / f"class{c}").mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 30), (80 * c, 0, 0)).save(tmp_path / split / f"class{c}" / f"{i}.png")
+    (tmp_path / "train" / "class1" / "3.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--dataset", "imagefolder", "--data-dir", str(tmp_path), "--image-size", "32", "--batch-size", "4",
+                    "--bn-splits", "2", "--queue-size", "8", "--epochs", "1", "--workers", "1",
+                    "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "class1/3.png" in err and "remove or replace it" in err and "\n" not in err
+
+
+def test_a_download_that_fails_leaves_nothing_behind(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(root, **kwargs):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / "cifar-10-python.tar.gz").write_bytes(b"half")      # a partial download
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(data.DataError, match="the download failed .*put the files in"):
+        data.load_cifar(str(tmp_path / "data"), "cifar10", train=True, download=True)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_damaged_cifar_file_names_a_fix_that_works(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"\x80garbage")
+    with pytest.raises(data.DataError, match="damaged; delete that folder and run again with --download"):
+        data.load_cifar(str(tmp_path), "cifar10", train=True)
+
+
 @pytest.mark.parametrize("name,expected", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
                                            ("stl10", "stl10_binary"), ("imagefolder", "train/<class>")])
 def test_missing_data_names_the_expected_files(tmp_path, name, expected):
@@ -1054,12 +1090,53 @@ def test_bn_splits_default_to_32_images_each_for_the_paper_recipe(tmp_path):
     (["--masking", "random", "--num-hard-negatives", "1"], "need --masking saliency"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "cifar-10-batches-py"),
     (["--saliency", "gt", "--dataset", "cifar10"], "only --dataset shapes"),
+    # an explicit value is used or refused, never replaced by a default
+    (["--epochs", "0"], "--epochs 0: need a value >= 1"),
+    (["--epochs", "-1"], "--epochs -1"),
+    (["--max-steps", "-1"], "--max-steps -1"),
+    (["--temperature", "0"], "--temperature 0.0: need a value > 0"),
+    (["--queue-size", "0"], "--queue-size 0"),
+    (["--image-size", "0"], "--image-size 0"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--bn-splits", "0"], "--bn-splits 0"),
+    (["--batch-size", "16", "--bn-splits", "16", "--queue-size", "64"], "fewer than 2 images"),
+    (["--lr", "0"], "--lr 0.0"),
+    (["--lr", "nan"], "--lr nan"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0"),
+    (["--moco-momentum", "1.5"], "in [0, 1]"),
+    (["--alpha", "-1"], "--alpha -1.0"),
+    (["--num-hard-negatives", "-1"], "--num-hard-negatives -1"),
+    (["--warmup-epochs", "9"], "longer than --epochs 8"),
+    (["--knn-every", "-1"], "--knn-every -1"),
+    (["--log-every", "-1"], "--log-every -1.0"),
+    (["--save-every", "-1"], "--save-every -1.0"),
+    (["--workers", "-1"], "--workers -1"),
+    (["--subset", "-5"], "--subset -5"),
+    (["--shapes-size", "0", "10"], "--shapes-size 0 10"),
+    (["--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"),
+    # runs that could do nothing
+    (["--shapes-size", "16", "8", "--batch-size", "32", "--bn-splits", "2", "--queue-size", "64"], "larger than the 16"),
+    (["--shapes-size", "64", "8", "--subset", "8", "--batch-size", "32", "--bn-splits", "2", "--queue-size", "64"],
+     "larger than the 8"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no GPU")]))
 def test_bad_flags_fail_with_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
         train.main(argv + ["--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and message in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()                             # nothing written
+
+
+def test_an_empty_or_unusable_out_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for out, message in (("", "--out '': give an output folder"), (str(tmp_path / "file"), "cannot write there"),
+                         (str(tmp_path / "file" / "run"), "cannot write there")):
+        with pytest.raises(SystemExit) as stop:
+            train.main(["--shapes-size", "64", "32", "--batch-size", "32", "--bn-splits", "2", "--queue-size", "64",
+                        "--out", out])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and message in err and "\n" not in err
+    assert (tmp_path / "file").read_text() == "not a folder"
 
 
 def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys):
@@ -1073,9 +1150,118 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys):
              ([], "last.pt exists")]
     for extra, message in cases:
         with pytest.raises(SystemExit) as stop:
-            run_train(tmp_path, "--epochs", "2", *extra)
+            run_train(tmp_path, "--epochs", "1", *extra)
         err = capsys.readouterr().err.strip()
         assert stop.value.code == 2 and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch-size", "16"], "--batch-size 32, not 16"), (["--queue-size", "128"], "--queue-size 64, not 128"),
+    (["--seed", "1"], "--seed 0, not 1"), (["--masking", "random", "--num-hard-negatives", "0"], "--masking saliency"),
+    (["--strategy", "blur"], "--strategy hp, not blur"), (["--shapes-size", "96", "64"], "--shapes-size 128 64, not 96 64"),
+    (["--subset", "64"], "--subset 0, not 64"), (["--epochs", "3"], "--epochs 2, not 3")])
+def test_resume_refuses_flags_that_change_the_run(tmp_path, capsys, extra, message):
+    run_train(tmp_path, "--epochs", "2", "--max-steps", "1")
+    with pytest.raises(SystemExit) as stop:
+        run_train(tmp_path, "--epochs", "2", "--resume", "auto", *extra)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and message in err and "\n" not in err
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 1    # untouched
+
+
+def test_resume_auto_starts_fresh_then_continues_and_drops_the_records_of_lost_steps(tmp_path):
+    run_train(tmp_path, "--epochs", "2", "--max-steps", "6", "--resume", "auto")     # no last.pt: starts
+    lost = tmp_path / "run" / "metrics.jsonl"
+    with open(lost, "a") as f:                                        # a killed run logged steps past its checkpoint
+        f.write(json.dumps({"epoch": 2, "step": 7, "loss": 9.0}) + "\n")
+    result = run_train(tmp_path, "--epochs", "2", "--resume", "auto")
+    steps = [r["step"] for r in map(json.loads, lost.read_text().splitlines()) if "loss" in r]
+    assert result["step"] == 8 and steps == list(range(1, 9))          # no step twice, no lost record
+
+
+SIGNAL_RUN = ["train.py", "--shapes-size", "512", "64", "--image-size", "32", "--stem", "imagenet", "--batch-size",
+              "32", "--bn-splits", "2", "--queue-size", "64", "--workers", "0", "--log-every", "0", "--epochs", "2",
+              "--device", "cpu"]
+
+
+def train_process(out, *extra):
+    import subprocess
+    import sys
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}        # the same sums in every process
+    return subprocess.Popen([sys.executable, *SIGNAL_RUN, "--out", str(out), *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def unbroken_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("unbroken") / "run"
+    assert train_process(out).wait() == 0
+    return losses_of(out)
+
+
+@pytest.mark.parametrize("signum,workers", [(15, "0"), (2, "1")])     # SIGTERM (preemption); Ctrl-C with a worker
+def test_a_signal_inside_an_epoch_saves_its_position_and_resume_auto_repeats_nothing(tmp_path, unbroken_run,
+                                                                                    signum, workers):
+    import os
+    import time
+    out = tmp_path / "run"
+    process = train_process(out, "--workers", workers)
+    while not (out / "metrics.jsonl").exists() or len(losses_of(out)) < 3:   # steps 1-16 are epoch 1
+        assert process.poll() is None
+        time.sleep(0.05)
+    os.killpg(process.pid, signum)                                    # the whole group, as a terminal's Ctrl-C
+    err = process.stderr.read().strip().splitlines()
+    assert process.wait() == 128 + signum and "Traceback" not in "".join(err)
+    assert "--resume auto" in err[-1] and len(err) == 2                # the notice, then one line: how to resume
+    checkpoint = torch.load(out / "last.pt", weights_only=False)
+    assert 3 <= checkpoint["step"] < 16 and checkpoint["epoch"] == 0   # inside epoch 1
+    assert not (out / "last.pt.tmp").exists() and not (out / "train.lock").exists()
+    resumed = train_process(out, "--resume", "auto")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert losses_of(out) == unbroken_run and sorted(unbroken_run) == list(range(1, 33))
+
+
+def test_save_every_checkpoints_inside_the_epoch(tmp_path, monkeypatch):
+    saved = []
+    save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, state: saved.append(state["step"]) or save(path, state))
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "3", "--save-every", "1e-9")
+    assert saved == [1, 2, 3]                                          # after each step, then at the stop
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_lives(tmp_path, capsys):
+    import subprocess
+    import sys
+    (tmp_path / "run").mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run" / "train.lock").write_text(str(owner.pid))
+        with pytest.raises(SystemExit) as stop:
+            run_train(tmp_path, "--epochs", "1", "--max-steps", "1")
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and f"another run (pid {owner.pid})" in err and "\n" not in err
+    finally:
+        owner.kill()
+        owner.wait()
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "1")          # its owner is gone: taken over
+    assert not (tmp_path / "run" / "train.lock").exists()             # and released at the end
+
+
+def test_a_failed_save_removes_its_temporary_file_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    run_train(tmp_path, "--epochs", "2", "--max-steps", "4")           # last.pt at the end of epoch 1
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(state, path):
+        real_save(state, path)                                        # half of it, say, then the disk is full
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        run_train(tmp_path, "--epochs", "2", "--resume", "auto")
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 1 and "No space left on device" in err and "\n" not in err
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    assert not (tmp_path / "run" / "last.pt.tmp").exists() and not (tmp_path / "run" / "train.lock").exists()
 
 
 def test_evaluate_reads_everything_from_the_checkpoint(tmp_path):
@@ -1087,6 +1273,20 @@ def test_evaluate_reads_everything_from_the_checkpoint(tmp_path):
     assert set(quality) >= {"spectral", "gt"}
     assert "self" not in quality and "1x1" in results["self_saliency"]      # ImageNet stem at 32 px
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["knn_top1"] == results["knn_top1"]
+
+
+@pytest.mark.parametrize("main,argv,message", [
+    ("evaluate", ["--checkpoint", "x.pt", "--knn-k", "0"], "--knn-k 0: need at least 1"),
+    ("evaluate", ["--checkpoint", "x.pt", "--probe-epochs", "0"], "--probe-epochs 0: need at least 1"),
+    ("bench", ["--repeats", "0"], "--repeats 0"), ("bench", ["--steps", "0"], "--steps 0"),
+    ("bench", ["--batch-size", "0"], "--batch-size 0"), ("bench", ["--grid", "0"], "--grid 0"),
+    ("bench", ["--device", "gpu"], "--device gpu"), ("study", ["--jobs", "0"], "--jobs 0"),
+])
+def test_evaluate_bench_and_study_refuse_values_outside_their_meaning(capsys, main, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        {"evaluate": evaluate.main, "bench": bench.main, "study": study.main}[main](argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and message in err and "\n" not in err
 
 
 def test_supervised_baseline_reports_its_three_figures():

@@ -11,11 +11,14 @@ salient patches masked -> the framework's loss (SPEC.md sections 2-4).
 Writes OUT/metrics.jsonl, OUT/views_epochN.png and OUT/last.pt (atomically, every epoch).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -103,7 +106,11 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     a("--out", default=None, help="output folder (default runs/DATASET-FRAMEWORK)")
-    a("--resume", default=None, help="a last.pt to continue from (same framework and arch)")
+    a("--resume", default=None,
+      help="a last.pt to continue from (the same flags, but for where and how it runs); 'auto': "
+           "OUT/last.pt when it exists, else start (a requeued job needs no edit)")
+    a("--save-every", type=float, default=10.0,
+      help="also checkpoint inside an epoch every N minutes (0: at epoch ends only)")
     a("--knn-every", type=int, default=0, help="kNN accuracy every N epochs (0: at the end only)")
     a("--log-every", type=float, default=5.0, help="seconds between progress lines")
     args = p.parse_args(argv)
@@ -126,39 +133,70 @@ def fill_defaults(args):
     With alpha 2 the run ends 10-19 kNN points above random init over seeds 0-2, with
     alpha 1 23-30 (measured on a CPU, see the README)."""
     size = {"shapes": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224}
-    args.image_size = args.image_size or size[args.dataset]
+
+    def default(name, value):                      # an explicit value is kept, then checked: never replaced
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    default("image_size", size[args.dataset])
     small, shapes = args.image_size <= SMALL, args.dataset == "shapes"
     if args.stem == "auto":                                           # CIFAR stem: ~19x the time at 32 px
         args.stem = "cifar" if args.dataset in ("cifar10", "cifar100") else "imagenet"
-    args.epochs = args.epochs or (8 if shapes else 200)
-    args.crop_scale = args.crop_scale or ([0.85, 1.0] if shapes else list(data.CROP_SCALE))
-    args.alpha = args.alpha if args.alpha is not None else (1.0 if shapes else 2.0)
-    if args.lr is None:
-        args.lr = 0.06 * args.batch_size / (128 if shapes else 512) if small else 0.03 * args.batch_size / 256
-    if args.warmup_epochs is None:
-        args.warmup_epochs = 1.0 if shapes else 0.0
-    args.weight_decay = args.weight_decay if args.weight_decay is not None else (5e-4 if small else 1e-4)
-    if args.bn_splits is None:                                        # the largest divisor <= batch / 32
-        args.bn_splits = 8 if small else max(d for d in range(1, max(1, args.batch_size // 32) + 1)
-                                             if args.batch_size % d == 0)
-    args.queue_size = args.queue_size or (4096 if small else 65536)
-    args.moco_momentum = args.moco_momentum or (0.99 if small else 0.999)
-    args.temperature = args.temperature or (0.1 if small else 0.2)
-    if args.num_hard_negatives is None:
-        args.num_hard_negatives = int(args.masking == "saliency" and args.framework != "byol")
+    default("epochs", 8 if shapes else 200)
+    default("crop_scale", [0.85, 1.0] if shapes else list(data.CROP_SCALE))
+    default("alpha", 1.0 if shapes else 2.0)
+    default("lr", 0.06 * args.batch_size / (128 if shapes else 512) if small else 0.03 * args.batch_size / 256)
+    default("warmup_epochs", 1.0 if shapes else 0.0)
+    default("weight_decay", 5e-4 if small else 1e-4)
+    # large images: the largest divisor of the batch that is at most batch / 32
+    default("bn_splits", 8 if small else max(d for d in range(1, max(1, args.batch_size // 32) + 1)
+                                             if args.batch_size % d == 0))
+    default("queue_size", 4096 if small else 65536)
+    default("moco_momentum", 0.99 if small else 0.999)
+    default("temperature", 0.1 if small else 0.2)
+    default("num_hard_negatives", int(args.masking == "saliency" and args.framework != "byol"))
     if args.high_pass == "auto":
         args.high_pass = "on" if args.strategy == "hp" and args.masking != "none" else "off"
-    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.framework}")
+    default("out", os.path.join("runs", f"{args.dataset}-{args.framework}"))
     if args.dataset == "imagefolder":
         args.augment = "torchvision"                                  # images of any size, read one by one
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")
+    default("device", "cuda" if torch.cuda.is_available() else "cpu")
+    default("amp", "bf16" if args.device.startswith("cuda") else "off")
     cores = os.cpu_count() or 1
-    if args.workers is None:
-        args.workers = 0 if args.device == "cpu" and cores <= 4 else min(8, cores // 2)
+    default("workers", 0 if args.device == "cpu" and cores <= 4 else min(8, cores // 2))
+    if args.resume == "auto":
+        args.resume = os.path.join(args.out, "last.pt") if os.path.isfile(os.path.join(args.out, "last.pt")) else None
+
+
+# (flag, the smallest value it takes, whether that bound is excluded): values outside their meaning
+BOUNDS = [("epochs", 1, False), ("max_steps", 0, False), ("batch_size", 1, False), ("bn_splits", 1, False),
+          ("lr", 0, True), ("weight_decay", 0, False), ("warmup_epochs", 0, False), ("alpha", 0, False),
+          ("temperature", 0, True), ("queue_size", 1, False), ("num_hard_negatives", 0, False),
+          ("moco_momentum", 0, False), ("subset", 0, False), ("workers", 0, False), ("knn_every", 0, False),
+          ("log_every", 0, False), ("save_every", 0, False)]
 
 
 def check_args(p, args):
+    for name, low, strict in BOUNDS:
+        value = getattr(args, name)
+        if not (value > low if strict else value >= low):            # also refuses NaN
+            p.error(f"--{name.replace('_', '-')} {value}: need a value {'>' if strict else '>='} {low}")
+    if args.moco_momentum > 1:
+        p.error(f"--moco-momentum {args.moco_momentum}: need a value in [0, 1]")
+    if args.warmup_epochs > args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
+    if min(args.shapes_size) < 1:
+        p.error(f"--shapes-size {args.shapes_size[0]} {args.shapes_size[1]}: need at least 1 image per split")
+    if not args.out:
+        p.error("--out '': give an output folder")
+    try:
+        device = torch.device(args.device)
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError
+    except (RuntimeError, ValueError):
+        p.error(f"--device {args.device}: use cpu, cuda or cuda:N")
+    if args.batch_size // args.bn_splits < 2:
+        p.error(f"--batch-size {args.batch_size} with --bn-splits {args.bn_splits} leaves BatchNorm fewer "
+                f"than 2 images per sub-batch: use a larger batch or fewer splits")
     for flag, (lo, hi) in [("--mask-ratio", args.mask_ratio), ("--hard-negative-ratio", args.hard_negative_ratio)]:
         if not 0 <= lo <= hi <= 1:
             p.error(f"{flag} {lo} {hi}: need 0 <= LO <= HI <= 1")
@@ -184,7 +222,8 @@ def check_args(p, args):
                 f"{args.image_size} with --stem {args.stem}, which cannot say where the object is; "
                 f"use --stem cifar or --image-size {64 if args.stem == 'imagenet' else 16} or more")
     if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-        p.error(f"{args.out}/last.pt exists: continue it with --resume {args.out}/last.pt or pick another --out")
+        p.error(f"{args.out}/last.pt exists: continue it with --resume auto (or --resume {args.out}/last.pt), "
+                f"or pick another --out")
 
 
 # ----------------------------------------------------------------------------- one step
@@ -376,10 +415,22 @@ def save_view_grid(path, figures, query, key, negatives, grid, *, count=6, cell=
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, state):
-    """Atomic: a half-written file never replaces a good one."""
+    """Atomic: a half-written file never replaces a good one. A write that fails (a full disk,
+    a folder that went away) or is interrupted removes its temporary file; a failure stops the
+    run in one line (exit 1), with the previous checkpoint as it was."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(error, (OSError, RuntimeError)):                # a signal, a SystemExit: pass it on
+            raise
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        print(f"error: could not write {path} ({reason}); the previous checkpoint is as it was: make room "
+              f"(or fix the folder) and continue with --resume auto", file=sys.stderr)
+        sys.exit(1)
 
 
 def rng_state():
@@ -397,12 +448,92 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Flags that say where and how a run runs, not what it computes: a resumed run may change them.
+FREE_ON_RESUME = ("resume", "out", "device", "amp", "channels_last", "compile", "workers", "log_every",
+                  "knn_every", "save_every", "max_steps", "data_dir", "download")
+
+
 def check_resume(args, checkpoint):
-    for flag in ("framework", "arch", "stem", "image_size", "dataset"):
-        if checkpoint["args"].get(flag) != getattr(args, flag):
-            evaluate.fail(f"--resume {args.resume} was trained with --{flag.replace('_', '-')} "
-                          f"{checkpoint['args'].get(flag)}, not {getattr(args, flag)}: use the same flags")
+    """A resumed run is the run that was started: every other flag must be the same (flags
+    that a checkpoint predates are not compared)."""
+    for flag, saved in checkpoint["args"].items():                    # in the order of --help
+        if flag in FREE_ON_RESUME or not hasattr(args, flag) or saved == getattr(args, flag):
+            continue
+        show = lambda value: " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        evaluate.fail(f"--resume {args.resume} was trained with --{flag.replace('_', '-')} {show(saved)}, "
+                      f"not {show(getattr(args, flag))}: resume with the same flags, or start another --out")
     return checkpoint
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption) ask the run to stop: the step (or
+    kNN pass) in flight finishes, train() checkpoints and exits with 128 + the signal's number.
+    A second signal stops at once."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():      # signals reach the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            print(f"{signal.Signals(signum).name} again: stopping at once", file=sys.stderr, flush=True)
+            sys.exit(128 + signum)
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: finishing the step in flight, then saving "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_sigint(worker_id):
+    """Loader workers leave Ctrl-C to the main process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def lock_out_folder(out):
+    """Take OUT/train.lock (it holds the pid of the run writing to OUT). A live owner: one line,
+    exit 2; a lock whose process is gone is taken over. Returns the function that releases it."""
+    path = os.path.join(out, "train.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = int(f.read().strip() or 0)
+                os.kill(owner, 0)                                          # raises when it is gone
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)                                       # stale: take it over
+                continue
+            except PermissionError:                                       # alive, another user's
+                pass
+            evaluate.fail(f"--out {out}: another run (pid {owner}) is writing there; wait for it to end "
+                          f"or pick another --out")
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lambda: os.path.exists(path) and os.remove(path)
+    evaluate.fail(f"--out {out}: could not take {path}; remove it if no run is writing there")
+
+
+def open_metrics(path, checkpoint):
+    """metrics.jsonl for appending. A resumed run first drops the records written after its
+    checkpoint (a killed run logs steps that the resumed run repeats); a fresh run starts it anew."""
+    kept = []
+    if checkpoint and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line).get("step", 0) <= checkpoint["step"]]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -415,7 +546,6 @@ def train(args):
     checkpoint = evaluate.load_checkpoint(args.resume, "--resume") if args.resume else None
     if checkpoint:
         check_resume(args, checkpoint)
-    os.makedirs(args.out, exist_ok=True)
 
     train_set = data.pretrain_dataset(args.dataset, args.data_dir, args.image_size, download=args.download,
                                       batched=args.augment == "batched", crop_scale=tuple(args.crop_scale),
@@ -423,10 +553,36 @@ def train(args):
     if args.subset:
         train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
     steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
+        evaluate.fail(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images, so "
+                      f"an epoch has no step: use a smaller batch (or more images)")
+    with out_folder(args.out), StopRequest() as stop:
+        return run(args, checkpoint, train_set, steps_per_epoch, stop)
+
+
+@contextlib.contextmanager
+def out_folder(out):
+    """The output folder, made and locked for this run (one line when it cannot be written)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        release = lock_out_folder(out)
+    except OSError as error:
+        evaluate.fail(f"--out {out}: cannot write there ({error.strerror or error}); pick another --out")
+    try:
+        yield
+    finally:
+        release()
+
+
+def run(args, checkpoint, train_set, steps_per_epoch, stop):
+    """The training loop: epochs of steps, logs, checkpoints (at epoch ends, every
+    --save-every minutes, and on a stop request), then the final kNN."""
+    device = torch.device(args.device)
     parts = build(args, steps_per_epoch)
     model, optimizer, scheduler, scaler, masker = parts.model, parts.optimizer, parts.scheduler, \
         parts.scaler, parts.masker
     stop_at = min(parts.total_steps, args.max_steps) if args.max_steps else parts.total_steps   # --max-steps: a kill
+    last_pt = os.path.join(args.out, "last.pt")
 
     epoch, step, knn_before = 0, 0, None
     if checkpoint:
@@ -442,29 +598,38 @@ def train(args):
         print(f"kNN top-1 of the random-init encoder: {knn_before:.2f} %")
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), checkpoint)
 
     def log(record):
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
 
-    def state():
-        return {"args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "step": step, "rng": rng_state(), "knn_random_init": knn_before}
+    def save():
+        save_checkpoint(last_pt, {
+            "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "step": step, "rng": rng_state(), "knn_random_init": knn_before})
+
+    def stop_here():
+        save()
+        print(f"stopped by {signal.Signals(stop.signum).name} at step {step} of {stop_at} (epoch {epoch + 1}); "
+              f"{last_pt} is saved: run the same command with --resume auto to continue", file=sys.stderr)
+        sys.exit(128 + stop.signum)
 
     print(f"{args.framework} {args.arch} on {args.dataset} ({len(train_set)} images, {args.image_size} px), "
           f"masking {args.masking}/{args.saliency}/{args.strategy}, M={args.num_hard_negatives}, "
           f"{steps_per_epoch} steps/epoch, {args.epochs} epochs, batch {args.batch_size}, {device}; out {args.out}")
-    start_time, last_log, done, unchecked = time.time(), 0.0, step >= stop_at, None
+    start_time, last_log, last_save, done, unchecked = time.time(), 0.0, time.time(), step >= stop_at, None
+    if stop.signum:                                                   # a signal during the first kNN
+        stop_here()
     while epoch < args.epochs and not done:
         # The epoch's order depends on (seed, epoch) only, and a run stopped inside an epoch
-        # (--max-steps) resumes at its next batch: resuming gives the same batches.
+        # (--max-steps, a signal, --save-every) resumes at its next batch: the same batches.
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         skip = (step - epoch * steps_per_epoch) * args.batch_size
         loader = torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size, sampler=order[skip:].tolist(), drop_last=True,
-            num_workers=args.workers, pin_memory=device.type == "cuda",
+            num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint,
             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         timer = SplitTimer(device)
         epoch_start = tick = time.perf_counter()
@@ -493,6 +658,12 @@ def train(args):
             if step >= stop_at:
                 done = True
                 break
+            if stop.signum or (args.save_every and time.time() - last_save >= 60 * args.save_every):
+                stop_if_not_finite(args, *unchecked)                   # never checkpoint a bad step
+                if stop.signum:
+                    stop_here()
+                save()                                                # inside the epoch: its position too
+                last_save = time.time()
             tick = time.perf_counter()
         if unchecked:
             stop_if_not_finite(args, *unchecked)
@@ -505,8 +676,13 @@ def train(args):
         split = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
         print(f"epoch {epoch} done in {time.perf_counter() - epoch_start:.0f} s: {split}")
         log({"epoch": epoch, "step": step, "time": {k: round(v, 2) for k, v in seconds.items()}})
-        save_view_grid(os.path.join(args.out, f"views_epoch{epoch}.png"), figures, query, key, negatives, args.grid)
-        save_checkpoint(os.path.join(args.out, "last.pt"), state())
+        if step > epoch_first_step:                                   # a batch of this epoch ran here
+            save_view_grid(os.path.join(args.out, f"views_epoch{epoch}.png"), figures, query, key, negatives,
+                           args.grid)
+        save()
+        last_save = time.time()
+        if stop.signum and not done:
+            stop_here()
 
     knn_after = knn(args, model, masker, device)
     log({"final": True, "step": step, "knn_top1": knn_after, "knn_top1_random_init": knn_before,
@@ -514,7 +690,7 @@ def train(args):
     metrics.close()
     print(f"kNN top-1 on the {args.dataset} test split: {knn_after:.2f} % after {step} steps, "
           f"{knn_before:.2f} % for the random-init encoder ({knn_after - knn_before:+.2f} points); "
-          f"{(time.time() - start_time) / 60:.1f} min. Checkpoint: {args.out}/last.pt")
+          f"{(time.time() - start_time) / 60:.1f} min. Checkpoint: {last_pt}")
     return {"knn_top1": knn_after, "knn_top1_random_init": knn_before, "step": step}
 
 
@@ -529,7 +705,8 @@ def knn(args, model, masker, device):
     """kNN top-1 (%) of the current backbone, train split as memory, test split as queries."""
     train_set, test_set = data.eval_datasets(args.dataset, args.data_dir, args.image_size,
                                              shapes_size=tuple(args.shapes_size))
-    loader = lambda d: torch.utils.data.DataLoader(d, batch_size=256, num_workers=args.workers)
+    loader = lambda d: torch.utils.data.DataLoader(d, batch_size=256, num_workers=args.workers,
+                                                   worker_init_fn=ignore_sigint)
     transform = masker.filter if args.high_pass == "on" else None
     train_features, train_labels = evaluate.extract_features(model.backbone, loader(train_set), device, transform=transform)
     test_features, test_labels = evaluate.extract_features(model.backbone, loader(test_set), device, transform=transform)
@@ -542,7 +719,8 @@ def main(argv=None):
     try:
         return train(args)
     except data.DataError as error:
-        evaluate.fail(error)
+        # raised in a loader worker, it arrives with the worker's traceback: keep its last line
+        evaluate.fail(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1])
     except RuntimeError as error:                                     # saliency weights: say the fix
         if "--saliency" not in str(error):
             raise
