@@ -191,8 +191,13 @@ def main(argv=None):
                         ("--image-size", args.image_size)):
         if value < 1:
             fail(f"{flag} {value}: need at least 1")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        fail(f"--device {args.device}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no GPU is visible; use --device cpu")
     if args.supervised:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         results = supervised_baseline(image_size=args.image_size, epochs=args.epochs, device=device)
         print(json.dumps(results, indent=2))
         return results
@@ -200,9 +205,6 @@ def main(argv=None):
         fail("pass --checkpoint OUT/last.pt (or --supervised)")
     checkpoint = load_checkpoint(args.checkpoint)
     train_args = argparse.Namespace(**checkpoint["args"])
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no GPU is visible; use --device cpu")
 
     model = models.build_model(train_args)
     model.load_state_dict(checkpoint["model"])

@@ -1278,6 +1278,7 @@ def test_evaluate_reads_everything_from_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("main,argv,message", [
     ("evaluate", ["--checkpoint", "x.pt", "--knn-k", "0"], "--knn-k 0: need at least 1"),
     ("evaluate", ["--checkpoint", "x.pt", "--probe-epochs", "0"], "--probe-epochs 0: need at least 1"),
+    ("evaluate", ["--checkpoint", "x.pt", "--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"),
     ("bench", ["--repeats", "0"], "--repeats 0"), ("bench", ["--steps", "0"], "--steps 0"),
     ("bench", ["--batch-size", "0"], "--batch-size 0"), ("bench", ["--grid", "0"], "--grid 0"),
     ("bench", ["--device", "gpu"], "--device gpu"), ("study", ["--jobs", "0"], "--jobs 0"),
