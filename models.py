@@ -23,6 +23,7 @@ import math
 from collections import OrderedDict
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -167,12 +168,70 @@ def frozen_copy(module):
     return copy.deepcopy(module).requires_grad_(False)
 
 
+# ----------------------------------------------------------------------------- several processes
+# Under torchrun each of W processes holds every W-th image of the global batch: global image g
+# is image g // W of process g % W. With that layout the BatchNorm sub-batches of W processes
+# with bn_splits / W splits each are exactly those of one process with bn_splits (both stride),
+# and gathering the global batch is a stack. With one process every helper is the identity.
+
+def process_group():
+    """`(rank, world size)`: (0, 1) unless torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_batch(x, *, grad=False):
+    """Every process's local batch `[b, ...]` as the global batch `[W b, ...]`, in global order.
+    `grad`: the gradient flows into this process's own part (SimCLR's negatives)."""
+    rank, world = process_group()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    if grad:
+        parts[rank] = x
+    return torch.stack(parts, 1).flatten(0, 1)
+
+
+def local_part(x):
+    """This process's images of a global batch `[W b, ...]`."""
+    rank, world = process_group()
+    return x[rank::world]
+
+
+@torch.no_grad()
+def average_running_stats(module):
+    """Make every process's BatchNorm running statistics their mean over the processes. The
+    update is linear, so the mean is what one process with all the sub-batches would hold."""
+    rank, world = process_group()
+    if world == 1:
+        return
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None:
+            for statistic in (layer.running_mean, layer.running_var):
+                dist.all_reduce(statistic)
+                statistic /= world
+
+
 def forward_shuffled(network, images):
-    """Shuffle-BN on one device: the network sees the batch in a random order (so each BN
-    sub-batch mixes other images than the query's), outputs come back in the input order."""
+    """Shuffle-BN: the network sees the batch in a random order (so each BN sub-batch mixes
+    other images than the query's), and the outputs come back in the input order. `images` is
+    the global batch; with W processes each runs every W-th image of the permutation (drawn
+    on process 0) and the outputs are gathered, as MoCo's multi-GPU Shuffle-BN does.
+    `network` returns a tensor or a tuple of tensors."""
+    rank, world = process_group()
     perm = torch.randperm(len(images), device=images.device)
-    out = network(images[perm])
-    return out[perm.argsort()]
+    if world > 1:
+        dist.broadcast(perm, 0)
+    out = network(images[perm][rank::world])
+    restore = lambda y: gather_batch(y)[perm.argsort()]
+    return tuple(map(restore, out)) if isinstance(out, tuple) else restore(out)
+
+
+def scale_gradient(x, factor):
+    """`x` with its gradient multiplied by `factor` (the value unchanged)."""
+    return x if factor == 1 else x + (factor - 1) * (x - x.detach())
 
 
 # ----------------------------------------------------------------------------- frameworks
@@ -240,31 +299,33 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def encode_keys(self, key):
         """Momentum update, then the key encoder on the key views (in a shuffled order, for
-        Shuffle-BN). Returns `(keys [B, D], feature maps [B, C, h, w])`: train.py reads
-        `--saliency self` of the key views off these maps instead of a second forward pass,
-        and passes the pair to `forward(..., keys=)`."""
+        Shuffle-BN; across processes under torchrun). Returns `(keys [B, D], feature maps
+        [B, C, h, w])` of this process's views: train.py reads `--saliency self` of the key
+        views off these maps instead of a second forward pass, and passes the pair to
+        `forward(..., keys=)`."""
         momentum_update(self.encoder_k, self.encoder_q, self.momentum)
         momentum_update(self.head_k, self.head_q, self.momentum)
-        perm = torch.randperm(len(key), device=key.device)
-        feature_map = self.encoder_k.feature_map(key[perm])
-        k = l2norm(self.head_k(feature_map.mean((2, 3))))
-        inverse = perm.argsort()
-        return k[inverse], feature_map[inverse]
+
+        def keys_and_maps(x):
+            feature_map = self.encoder_k.feature_map(x)
+            return l2norm(self.head_k(feature_map.mean((2, 3)))), feature_map
+        k, feature_map = forward_shuffled(keys_and_maps, gather_batch(key))
+        return local_part(k), local_part(feature_map)
 
     def forward(self, query, key, hard_negatives=None, *, keys=None):
         """`keys`: what `encode_keys(key)` returned this step (then `key` is not used again)."""
-        B = len(query)
         q = l2norm(self.head_q(self.encoder_q(query)))                   # queries: [B, D]
         with torch.no_grad():
             k = (keys if keys is not None else self.encode_keys(key))[0]   # keys: [B, D]
             t = None
             if hard_negatives is not None:                               # hard negatives: [B, M, D]
+                everyone = gather_batch(hard_negatives)                  # the global batch's
                 with batch_stats_only(self.encoder_k, self.head_k):      # one BN update per step: the key's
-                    t = forward_shuffled(self.key_network, hard_negatives.flatten(0, 1))
-                t = pair_hard_negatives(t.view(B, -1, q.shape[1]), self.pairing)
+                    t = forward_shuffled(self.key_network, everyone.flatten(0, 1))
+                t = local_part(pair_hard_negatives(t.view(len(everyone), -1, q.shape[1]), self.pairing))
         # info_nce normalises the queue into a new tensor, so enqueuing in place is safe.
         loss = info_nce(q, k, self.queue, t, self.temperature, self.alpha)
-        self.enqueue(k)                                                  # never the hard negatives
+        self.enqueue(gather_batch(k))                                    # never the hard negatives
         figures = {"positive_sim": (q * k).sum(1).mean().detach(), "queue_ptr": self.queue_ptr.clone()}
         if t is not None:
             figures["hard_negative_sim"] = torch.einsum("bd,bmd->bm", q, t).mean().detach()
@@ -298,11 +359,15 @@ class SimCLR(nn.Module):
         if hard_negatives is not None:
             with torch.no_grad(), batch_stats_only(self.encoder, self.head):
                 t = self.head(self.encoder(hard_negatives.flatten(0, 1)))
-            t = pair_hard_negatives(t.view(B, -1, z1.shape[1]), self.pairing)
-        loss = nt_xent(z1, z2, self.temperature, t, self.alpha)
+            t = pair_hard_negatives(gather_batch(t.view(B, -1, z1.shape[1])), self.pairing)
+        # Under torchrun every process computes the loss over the global batch, its gradient
+        # reaching only its own embeddings; DDP averages gradients, so scaling by the number
+        # of processes gives the gradient of one process with the whole batch.
+        loss = nt_xent(gather_batch(z1, grad=True), gather_batch(z2, grad=True), self.temperature, t, self.alpha)
+        loss = scale_gradient(loss, process_group()[1])
         figures = {"positive_sim": (l2norm(z1) * l2norm(z2)).sum(1).mean().detach()}
         if t is not None:
-            figures["hard_negative_sim"] = torch.einsum("bd,bmd->bm", l2norm(z2), l2norm(t)).mean().detach()
+            figures["hard_negative_sim"] = torch.einsum("bd,bmd->bm", l2norm(z2), l2norm(local_part(t))).mean().detach()
         return loss, figures
 
 
@@ -352,7 +417,8 @@ FRAMEWORKS = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL}
 
 def build_model(args):
     """The framework that train.py's flags describe (`args` as train.parse_args makes it)."""
-    encoder = ResNetEncoder(args.arch, cifar_stem=args.stem == "cifar", bn_splits=args.bn_splits)
+    # --bn-splits counts the sub-batches of the global batch: each of W processes takes bn_splits / W
+    encoder = ResNetEncoder(args.arch, cifar_stem=args.stem == "cifar", bn_splits=args.bn_splits // process_group()[1])
     pairing = getattr(args, "hard_negative_pairing", "own")            # checkpoints from before the flag
     if args.framework == "moco":
         return MoCo(encoder, queue_size=args.queue_size, momentum=args.moco_momentum,

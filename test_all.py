@@ -6,7 +6,12 @@ Each test asserts a property a reader of the paper cares about; the whole file r
 import argparse
 import json
 import math
+import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 
 import numpy as np
@@ -1075,8 +1080,18 @@ def test_bn_splits_default_to_32_images_each_for_the_paper_recipe(tmp_path):
     assert parse().bn_splits == 8                                     # small images: MoCo's CIFAR demo
     assert parse("--dataset", "imagefolder", "--batch-size", "128").bn_splits == 4   # the release: 4 GPUs x 32
     assert parse("--dataset", "imagefolder", "--batch-size", "96").bn_splits == 3
-    assert parse("--dataset", "imagefolder", "--batch-size", "100").bn_splits == 2   # a divisor of the batch
+    assert parse("--dataset", "imagefolder", "--batch-size", "100").bn_splits == 4   # 25 each: a divisor, <= 32
     assert parse("--dataset", "imagefolder", "--bn-splits", "1").bn_splits == 1
+
+
+def test_bn_splits_default_divides_over_torchrun_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    parse = lambda *argv: train.parse_args([*argv, "--framework", "simclr", "--device", "cpu",
+                                            "--out", str(tmp_path / "out")])
+    assert parse("--dataset", "imagefolder", "--batch-size", "128").bn_splits == 8   # 16 each: per-GPU BN
+    assert parse("--dataset", "imagefolder", "--batch-size", "512").bn_splits == 16  # 32 each, 2 per GPU
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert parse("--batch-size", "512").bn_splits == 16                              # small images: >= 8
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -1352,3 +1367,87 @@ def test_balanced_masking_with_true_foreground_tightens_how_much_object_a_query_
     assert 5 <= gt["median"] <= 25                                    # r ~ U(0.05, 0.25) of the object
     assert gt["p99"] < random["p99"] and gt["over_half"] <= random["over_half"]
     assert "| random |" in study.mechanism_table(shares)
+
+
+# ============================================================================ several processes (torchrun)
+
+def moco_steps(world, steps=3, batch=16, bn_splits=4, size=32):
+    """MoCo steps on fixed global batches, in float64 (in float32, BatchNorm over 4 images
+    amplifies the rounding of a different summation order); `world` processes feed their shares."""
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    model = models.MoCo(models.ResNetEncoder("resnet18", bn_splits=bn_splits // world), queue_size=64,
+                        momentum=0.9, temperature=0.2, alpha=2.0).train()
+    step_fn = train.distributed(model, torch.device("cpu"))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9,
+                                weight_decay=1e-4)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        query, key = torch.randn(batch, 3, size, size, generator=g), torch.randn(batch, 3, size, size, generator=g)
+        hard = torch.randn(batch, 2, 3, size, size, generator=g)
+        loss, _ = step_fn(*map(models.local_part, (query, key, hard)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        mean = loss.detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(mean)
+        losses.append(float(mean) / world)
+    models.average_running_stats(model)
+    torch.set_default_dtype(torch.float32)
+    return losses, model.state_dict()
+
+
+def moco_process(rank, world, folder):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                                         world_size=world)
+    try:
+        torch.save(moco_steps(world), f"{folder}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_with_half_batches_train_as_one_process_with_the_whole_batch(tmp_path):
+    torch.multiprocessing.spawn(moco_process, args=(2, str(tmp_path)), nprocs=2)
+    (losses0, state0), (losses1, state1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert losses0 == losses1 and all(torch.equal(state0[k], state1[k]) for k in state0)   # the queue too
+    losses, state = moco_steps(1)                                     # 1 process, batch 16, 4 BN splits
+    np.testing.assert_allclose(losses0, losses, rtol=1e-6)            # the loss itself is float32
+    for name in state:                                                # weights, BN statistics, queue
+        torch.testing.assert_close(state0[name], state[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_torchrun_flags_that_do_not_split_over_the_processes_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in (["--batch-size", "30", "--bn-splits", "3"], ["--batch-size", "33", "--bn-splits", "1"]):
+        with pytest.raises(SystemExit) as stop:
+            train.parse_args(argv + ["--queue-size", "960", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and "must divide by the 2 processes" in err and "\n" not in err
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *SIGNAL_RUN]
+
+
+def torchrun(out, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*TORCHRUN, "--out", str(out), *extra], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_to_torchrun_then_the_same_line_with_resume_auto_repeats_nothing(tmp_path):
+    assert torchrun(tmp_path / "whole").wait() == 0
+    out = tmp_path / "broken"
+    job = torchrun(out)
+    while not (out / "metrics.jsonl").exists() or len(losses_of(out)) < 3:
+        assert job.poll() is None
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)                                   # a cluster's preemption
+    err = job.stderr.read()
+    assert job.wait() != 0 and "--resume auto to continue" in err
+    checkpoint = torch.load(out / "last.pt", weights_only=False)
+    assert 3 <= checkpoint["step"] < 16 and len(checkpoint["rng_per_process"]) == 2
+    assert torchrun(out, "--resume", "auto").wait() == 0
+    assert losses_of(out) == losses_of(tmp_path / "whole") and sorted(losses_of(out)) == list(range(1, 33))

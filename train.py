@@ -4,6 +4,7 @@
     python train.py --dataset cifar10 --data-dir data --download --epochs 200
     python train.py --masking none                   # the plain MoCo v2 baseline
     python train.py --resume runs/shapes-moco/last.pt
+    torchrun --nproc_per_node 8 train.py --dataset imagefolder ...   # several GPUs (or nodes)
 
 Per step: saliency of both views -> the query masked in proportion between foreground and
 background (`masking.balanced_mask`) -> M hard negatives from the key with most of its
@@ -12,6 +13,7 @@ Writes OUT/metrics.jsonl, OUT/views_epochN.png and OUT/last.pt (atomically, ever
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -23,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed
 
 import data
 import evaluate
@@ -147,9 +150,12 @@ def fill_defaults(args):
     default("lr", 0.06 * args.batch_size / (128 if shapes else 512) if small else 0.03 * args.batch_size / 256)
     default("warmup_epochs", 1.0 if shapes else 0.0)
     default("weight_decay", 5e-4 if small else 1e-4)
-    # large images: the largest divisor of the batch that is at most batch / 32
-    default("bn_splits", 8 if small else max(d for d in range(1, max(1, args.batch_size // 32) + 1)
-                                             if args.batch_size % d == 0))
+    # Small images: 8 (MoCo's CIFAR demo). Large: the fewest sub-batches of at most 32 images (the
+    # release's 4 GPUs at batch 128). Under torchrun a multiple of the number of processes.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    fits = [d for d in range(world, args.batch_size + 1, world) if args.batch_size % d == 0] or [world]
+    default("bn_splits", (8 if 8 % world == 0 else world) if small else
+            next((d for d in fits if args.batch_size // d <= 32), fits[-1]))
     default("queue_size", 4096 if small else 65536)
     default("moco_momentum", 0.99 if small else 0.999)
     default("temperature", 0.1 if small else 0.2)
@@ -194,6 +200,10 @@ def check_args(p, args):
             raise ValueError
     except (RuntimeError, ValueError):
         p.error(f"--device {args.device}: use cpu, cuda or cuda:N")
+    world = int(os.environ.get("WORLD_SIZE", "1"))                   # torchrun's processes
+    if args.batch_size % world or args.bn_splits % world:
+        p.error(f"--batch-size {args.batch_size} and --bn-splits {args.bn_splits} count the global batch and "
+                f"its BatchNorm sub-batches: both must divide by the {world} processes")
     if args.batch_size // args.bn_splits < 2:
         p.error(f"--batch-size {args.batch_size} with --bn-splits {args.bn_splits} leaves BatchNorm fewer "
                 f"than 2 images per sub-batch: use a larger batch or fewer splits")
@@ -299,13 +309,27 @@ def build(args, steps_per_epoch):
         device=device, model=model, optimizer=optimizer, total_steps=total_steps,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor),
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
-        step_fn=torch.compile(model) if args.compile else model,
+        step_fn=distributed(torch.compile(model) if args.compile else model, device),
         autocast=lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
         augment=data.BatchedMoCoV2(args.image_size, tuple(args.crop_scale)) if args.augment == "batched" else None,
         sal=saliency.Saliency(args.saliency, args.grid, weights=args.saliency_weights).to(device),
         masker=masking.Masker(args.strategy, args.grid, high_pass=args.high_pass == "on",
                               positive_ratio=tuple(args.mask_ratio),
                               negative_ratio=tuple(args.hard_negative_ratio)))
+
+
+def distributed(step_fn, device):
+    """Under torchrun, the framework in DistributedDataParallel (gradients averaged over the
+    processes; each keeps its own BatchNorm statistics until `models.average_running_stats`);
+    with one process, itself."""
+    if models.process_group()[1] == 1:
+        return step_fn
+    for tensor in [*step_fn.parameters(), *step_fn.buffers()]:        # the same start everywhere, the queue too
+        torch.distributed.broadcast(tensor.data, 0)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                      else {"broadcast_buffers": False})
+    return ddp(step_fn, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
 
 class SplitTimer:
@@ -470,8 +494,8 @@ class StopRequest:
     kNN pass) in flight finishes, train() checkpoints and exits with 128 + the signal's number.
     A second signal stops at once."""
 
-    def __init__(self):
-        self.signum, self.previous = None, {}
+    def __init__(self, quiet=False):
+        self.signum, self.previous, self.quiet = None, {}, quiet           # quiet: processes other than 0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():      # signals reach the main thread only
@@ -484,8 +508,9 @@ class StopRequest:
             print(f"{signal.Signals(signum).name} again: stopping at once", file=sys.stderr, flush=True)
             sys.exit(128 + signum)
         self.signum = signum
-        print(f"{signal.Signals(signum).name}: finishing the step in flight, then saving "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        if not self.quiet:
+            print(f"{signal.Signals(signum).name}: finishing the step in flight, then saving "
+                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -556,7 +581,8 @@ def train(args):
     if steps_per_epoch == 0:
         evaluate.fail(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images, so "
                       f"an epoch has no step: use a smaller batch (or more images)")
-    with out_folder(args.out), StopRequest() as stop:
+    first = models.process_group()[0] == 0                            # process 0 writes, the others compute
+    with out_folder(args.out) if first else contextlib.nullcontext(), StopRequest(quiet=not first) as stop:
         return run(args, checkpoint, train_set, steps_per_epoch, stop)
 
 
@@ -578,7 +604,13 @@ def run(args, checkpoint, train_set, steps_per_epoch, stop):
     """The training loop: epochs of steps, logs, checkpoints (at epoch ends, every
     --save-every minutes, and on a stop request), then the final kNN."""
     device = torch.device(args.device)
-    parts = build(args, steps_per_epoch)
+    rank, world = models.process_group()
+    say = print if rank == 0 else (lambda *a, **k: None)               # process 0 prints and writes
+    parts = build(args, steps_per_epoch)                               # the same model in every process
+    if world > 1:                                                      # then each draws its own views
+        torch.manual_seed(args.seed + rank)
+        np.random.seed(args.seed + rank)
+        random.seed(args.seed + rank)
     model, optimizer, scheduler, scaler, masker = parts.model, parts.optimizer, parts.scheduler, \
         parts.scaler, parts.masker
     stop_at = min(parts.total_steps, args.max_steps) if args.max_steps else parts.total_steps   # --max-steps: a kill
@@ -591,44 +623,74 @@ def run(args, checkpoint, train_set, steps_per_epoch, stop):
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         epoch, step, knn_before = checkpoint["epoch"], checkpoint["step"], checkpoint.get("knn_random_init")
-        set_rng_state(checkpoint["rng"])
-        print(f"resumed {args.resume}: epoch {epoch}, step {step}")
+        rngs = checkpoint.get("rng_per_process", [checkpoint["rng"]])
+        if len(rngs) == world:                        # each process continues its own random streams
+            set_rng_state(rngs[rank])
+        else:                                         # another number of processes: the same data order, new draws
+            torch.manual_seed(args.seed + rank + 1000 * step)
+            say(f"the checkpoint was written by {len(rngs)} processes, this run has {world}: the batches "
+                f"are the same, the augmentation draws are new")
+        say(f"resumed {args.resume}: epoch {epoch}, step {step}")
     if knn_before is None:
-        knn_before = knn(args, model, masker, device)
-        print(f"kNN top-1 of the random-init encoder: {knn_before:.2f} %")
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), checkpoint)
+        knn_before = knn(args, model, masker, device)                 # None on processes other than 0
+        if rank == 0:
+            print(f"kNN top-1 of the random-init encoder: {knn_before:.2f} %")
+    if rank == 0:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump({**vars(args), "world_size": world}, f, indent=2)
+    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), checkpoint) if rank == 0 else None
 
     def log(record):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
 
     def save():
-        save_checkpoint(last_pt, {
-            "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "step": step, "rng": rng_state(), "knn_random_init": knn_before})
+        models.average_running_stats(model)           # what one process with the whole batch holds
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, rng_state())
+        if rank == 0:
+            save_checkpoint(last_pt, {
+                "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                "step": step, "rng": rngs[0], "rng_per_process": rngs, "knn_random_init": knn_before})
 
-    def stop_here():
+    def stop_here(signum):
         save()
-        print(f"stopped by {signal.Signals(stop.signum).name} at step {step} of {stop_at} (epoch {epoch + 1}); "
-              f"{last_pt} is saved: run the same command with --resume auto to continue", file=sys.stderr)
-        sys.exit(128 + stop.signum)
+        say(f"stopped by {signal.Signals(signum).name} at step {step} of {stop_at} (epoch {epoch + 1}); "
+            f"{last_pt} is saved: run the same command with --resume auto to continue", file=sys.stderr)
+        sys.exit(128 + signum)
 
-    print(f"{args.framework} {args.arch} on {args.dataset} ({len(train_set)} images, {args.image_size} px), "
+    # Under torchrun the processes agree, after every step, on whether to stop or to save: a
+    # signal reaches each one at its own moment, and --save-every reads each one's clock.
+    agree_group = torch.distributed.new_group(backend="gloo") if world > 1 else None
+
+    def agree(signum, save_now):
+        if world == 1:
+            return signum, save_now
+        flags = torch.tensor([signum or 0, int(save_now)])
+        torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX, group=agree_group)
+        return int(flags[0]), bool(flags[1])
+
+    say(f"{args.framework} {args.arch} on {args.dataset} ({len(train_set)} images, {args.image_size} px), "
           f"masking {args.masking}/{args.saliency}/{args.strategy}, M={args.num_hard_negatives}, "
-          f"{steps_per_epoch} steps/epoch, {args.epochs} epochs, batch {args.batch_size}, {device}; out {args.out}")
+          f"{steps_per_epoch} steps/epoch, {args.epochs} epochs, batch {args.batch_size}"
+          f"{f' on {world} processes' if world > 1 else ''}, {device}; out {args.out}")
     start_time, last_log, last_save, done, unchecked = time.time(), 0.0, time.time(), step >= stop_at, None
-    if stop.signum:                                                   # a signal during the first kNN
-        stop_here()
+    signum, _ = agree(stop.signum, False)
+    if signum:                                                        # a signal during the first kNN
+        stop_here(signum)
     while epoch < args.epochs and not done:
         # The epoch's order depends on (seed, epoch) only, and a run stopped inside an epoch
         # (--max-steps, a signal, --save-every) resumes at its next batch: the same batches.
+        # Under torchrun each process takes every W-th image of each global batch (models.py's layout).
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         skip = (step - epoch * steps_per_epoch) * args.batch_size
+        batches = order[skip:][:(len(order) - skip) // args.batch_size * args.batch_size].view(-1, args.batch_size)
         loader = torch.utils.data.DataLoader(
-            train_set, batch_size=args.batch_size, sampler=order[skip:].tolist(), drop_last=True,
+            train_set, batch_size=args.batch_size // world, sampler=batches[:, rank::world].flatten().tolist(),
             num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint,
             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         timer = SplitTimer(device)
@@ -651,17 +713,18 @@ def run(args, checkpoint, train_set, steps_per_epoch, stop):
                                if v is not None and v.numel() == 1})
                 rate = (step - epoch_first_step) * args.batch_size / (time.perf_counter() - epoch_start)
                 eta = (stop_at - step) * args.batch_size / rate
-                print(f"epoch {epoch + 1}/{args.epochs} step {step}/{stop_at} loss {record['loss']:.4f} "
+                say(f"epoch {epoch + 1}/{args.epochs} step {step}/{stop_at} loss {record['loss']:.4f} "
                       f"{rate:.0f} img/s eta {eta / 60:.1f} min fg {record.get('fg_ratio', float('nan')):.2f} "
                       f"masked {record.get('masked_fraction', 0):.2f}", flush=True)
                 log({**record, "images_per_s": round(rate, 1)})
             if step >= stop_at:
                 done = True
                 break
-            if stop.signum or (args.save_every and time.time() - last_save >= 60 * args.save_every):
+            signum, save_now = agree(stop.signum, args.save_every and time.time() - last_save >= 60 * args.save_every)
+            if signum or save_now:
                 stop_if_not_finite(args, *unchecked)                   # never checkpoint a bad step
-                if stop.signum:
-                    stop_here()
+                if signum:
+                    stop_here(signum)
                 save()                                                # inside the epoch: its position too
                 last_save = time.time()
             tick = time.perf_counter()
@@ -671,22 +734,27 @@ def run(args, checkpoint, train_set, steps_per_epoch, stop):
         if step == (epoch + 1) * steps_per_epoch:                     # the epoch is complete
             epoch += 1
             if args.knn_every and epoch % args.knn_every == 0 and not done:
-                print(f"epoch {epoch}: kNN top-1 {knn(args, model, masker, device):.2f} %")
+                accuracy = knn(args, model, masker, device)
+                if rank == 0:
+                    print(f"epoch {epoch}: kNN top-1 {accuracy:.2f} %")
         seconds = timer.totals()
         split = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
-        print(f"epoch {epoch} done in {time.perf_counter() - epoch_start:.0f} s: {split}")
+        say(f"epoch {epoch} done in {time.perf_counter() - epoch_start:.0f} s: {split}")
         log({"epoch": epoch, "step": step, "time": {k: round(v, 2) for k, v in seconds.items()}})
-        if step > epoch_first_step:                                   # a batch of this epoch ran here
+        if step > epoch_first_step and rank == 0:                     # a batch of this epoch ran here
             save_view_grid(os.path.join(args.out, f"views_epoch{epoch}.png"), figures, query, key, negatives,
                            args.grid)
         save()
         last_save = time.time()
-        if stop.signum and not done:
-            stop_here()
+        signum, _ = agree(stop.signum, False)
+        if signum and not done:
+            stop_here(signum)
 
     knn_after = knn(args, model, masker, device)
     log({"final": True, "step": step, "knn_top1": knn_after, "knn_top1_random_init": knn_before,
          "minutes": round((time.time() - start_time) / 60, 2)})
+    if rank != 0:
+        return {"step": step}
     metrics.close()
     print(f"kNN top-1 on the {args.dataset} test split: {knn_after:.2f} % after {step} steps, "
           f"{knn_before:.2f} % for the random-init encoder ({knn_after - knn_before:+.2f} points); "
@@ -702,7 +770,19 @@ def stop_if_not_finite(args, step, loss):
 
 
 def knn(args, model, masker, device):
-    """kNN top-1 (%) of the current backbone, train split as memory, test split as queries."""
+    """kNN top-1 (%) of the current backbone, train split as memory, test split as queries.
+    Under torchrun process 0 computes it (with the running statistics averaged over the
+    processes) and the others wait; they get None."""
+    rank, world = models.process_group()
+    if world > 1:
+        models.average_running_stats(model)
+        accuracy = knn_of_one_process(args, model, masker, device) if rank == 0 else None
+        torch.distributed.barrier()
+        return accuracy
+    return knn_of_one_process(args, model, masker, device)
+
+
+def knn_of_one_process(args, model, masker, device):
     train_set, test_set = data.eval_datasets(args.dataset, args.data_dir, args.image_size,
                                              shapes_size=tuple(args.shapes_size))
     loader = lambda d: torch.utils.data.DataLoader(d, batch_size=256, num_workers=args.workers,
@@ -714,8 +794,24 @@ def knn(args, model, masker, device):
     return evaluate.knn_accuracy(train_features[labelled], train_labels[labelled], test_features, test_labels)
 
 
+def start_processes(args):
+    """Under torchrun (WORLD_SIZE > 1 in the environment) join the process group: NCCL with one
+    GPU per process (LOCAL_RANK), gloo on CPUs. `python train.py` takes no distributed path."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    if args.device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            evaluate.fail(f"process {local_rank} of this node has no GPU ({torch.cuda.device_count()} visible): "
+                          f"start at most that many with torchrun --nproc_per_node")
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    start_processes(args)
     try:
         return train(args)
     except data.DataError as error:
@@ -725,6 +821,9 @@ def main(argv=None):
         if "--saliency" not in str(error):
             raise
         evaluate.fail(error)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
