@@ -1335,7 +1335,9 @@ def study_record(row, seed, **changes):
 
 def test_study_identifies_a_run_by_every_resolved_flag(tmp_path, monkeypatch, capsys):
     results = tmp_path / "results.json"
-    results.write_text(json.dumps([study_record(1, 0), study_record(1, 1, crop_scale=[0.2, 1.0])]))
+    # seed 0 ran on a GPU (where and how a run ran is not the experiment); seed 1 with other crops
+    results.write_text(json.dumps([study_record(1, 0, device="cuda", amp="bf16", workers=8, save_every=1.0),
+                                   study_record(1, 1, crop_scale=[0.2, 1.0])]))
     started = []
     monkeypatch.setattr(study, "run_one", lambda row, seed, args, lock: started.append((row, seed)))
     study.main(["--rows", "1", "--seeds", "0", "1", "--results", str(results), "--out", str(tmp_path / "runs")])
