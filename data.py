@@ -5,6 +5,7 @@
     cifar10/100  the python pickles of `cifar-10-batches-py` / `cifar-100-python`
     stl10        the binaries of `stl10_binary` (pre-training on `unlabeled` + `train`)
     imagefolder  DATA_DIR/train/<class>/*.jpg and DATA_DIR/val/<class>/*.jpg (ImageNet-100)
+    caltech101, flowers102   transfer evaluation only (evaluate.py --dataset), torchvision's readers
 
     >>> import data
     >>> train = data.pretrain_dataset("shapes", image_size=64)    # two views + masks + label
@@ -27,6 +28,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 DATASETS = ("shapes", "cifar10", "cifar100", "stl10", "imagefolder")
+TRANSFER = ("caltech101", "flowers102")          # evaluation only: evaluate.py --dataset
+CALTECH_TRAIN_PER_CLASS = 30                    # Caltech-101 has no split: 30 per class train, the rest test
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CROP_SCALE = (0.2, 1.0)          # RandomResizedCrop's share of the image area (MoCo v2)
 # Ten shapes that differ in structure (holes, arms, corners, elongation), not only in the
@@ -213,6 +216,81 @@ def load_imagefolder(data_dir, split):
                         f"{data_dir}/train/<class>/*.jpg and {data_dir}/val/<class>/*.jpg") from None
 
 
+class RGBItems(torch.utils.data.Dataset):
+    """Some items `(PIL image, label)` of a torchvision dataset, in RGB (Caltech-101 has grey images)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, label = self.source[self.indices[i]]
+        return image.convert("RGB"), label
+
+
+def load_caltech101(data_dir, train, download=False, *, per_class=CALTECH_TRAIN_PER_CLASS, seed=0):
+    """Caltech-101 through torchvision's reader (`DATA_DIR/caltech101/101_ObjectCategories/
+    <class>/image_0001.jpg`, without BACKGROUND_Google). It has no standard split: per class,
+    `per_class` images drawn with `seed` train (at most all but one) and the rest test, the
+    protocol of the paper's transfer table. Returns `(RGBItems, labels)`."""
+    from torchvision.datasets import Caltech101
+    try:
+        with cleaned_up_on_failure(data_dir, "--dataset caltech101 --download") if download else contextlib.nullcontext():
+            source = Caltech101(data_dir, download=download)
+    except RuntimeError:
+        raise DataError(f"--dataset caltech101: missing {os.path.join(data_dir, 'caltech101', '101_ObjectCategories')}"
+                        f"/<class>/image_0001.jpg ...; put Caltech-101 there or add --download") from None
+    labels = torch.tensor(source.y)
+    generator, chosen = torch.Generator().manual_seed(seed), []
+    for c in labels.unique():
+        members = (labels == c).nonzero()[:, 0]
+        members = members[torch.randperm(len(members), generator=generator)]
+        cut = min(per_class, len(members) - 1)
+        chosen.append(members[:cut] if train else members[cut:])
+    indices = torch.cat(chosen).sort().values
+    return RGBItems(source, indices.tolist()), labels[indices]
+
+
+class FlowerImages(torch.utils.data.Dataset):
+    """`(PIL image in RGB, label)` of Flowers-102's `jpg/image_00001.jpg` files."""
+
+    def __init__(self, folder, ids, labels):
+        self.folder, self.ids, self.labels = folder, ids, labels
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return read_image(os.path.join(self.folder, "jpg", f"image_{self.ids[i]:05d}.jpg")), int(self.labels[i])
+
+
+def load_flowers102(data_dir, train, download=False):
+    """Flowers-102 in torchvision's layout (`DATA_DIR/flowers-102/jpg/image_00001.jpg`,
+    `imagelabels.mat`, `setid.mat`; `--download` uses torchvision's downloader) and its standard
+    splits: train + val to train, test to test. The labels are .mat files, which scipy reads.
+    (Read here rather than by torchvision's class, which also checks the files' md5 sums, so
+    that the tests can write a tiny copy.) Returns `(FlowerImages, labels)`."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataError("--dataset flowers102 reads its labels from .mat files with scipy: pip install scipy") from None
+    folder = os.path.join(data_dir, "flowers-102")
+    if download and not os.path.isdir(os.path.join(folder, "jpg")):
+        from torchvision.datasets import Flowers102
+        with cleaned_up_on_failure(data_dir, "--dataset flowers102 --download"):
+            Flowers102(data_dir, download=True)
+    try:
+        labels = loadmat(os.path.join(folder, "imagelabels.mat"))["labels"].reshape(-1).astype(np.int64) - 1
+        split = loadmat(os.path.join(folder, "setid.mat"))
+    except (OSError, ValueError, KeyError):
+        raise DataError(f"--dataset flowers102: missing or unreadable {folder}/imagelabels.mat or setid.mat (with "
+                        f"the images in {folder}/jpg/image_00001.jpg ...); put Flowers-102 there or add --download") from None
+    ids = np.concatenate([split[k].reshape(-1) for k in (("trnid", "valid") if train else ("tstid",))]).astype(np.int64)
+    return FlowerImages(folder, ids.tolist(), torch.from_numpy(labels[ids - 1])), torch.from_numpy(labels[ids - 1])
+
+
 def load_split(name, data_dir, train, *, image_size=64, download=False, shapes_size=(20000, 5000)):
     """Raw data of one split: `(images uint8 [n,3,H,W] or an ImageFolder, masks or None, labels)`.
     For pre-training on stl10, `train` takes the unlabeled and train splits together."""
@@ -228,7 +306,10 @@ def load_split(name, data_dir, train, *, image_size=64, download=False, shapes_s
     if name == "imagefolder":
         folder = load_imagefolder(data_dir, "train" if train else "val")
         return folder, None, torch.tensor(folder.targets)
-    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name in TRANSFER:
+        images, labels = (load_caltech101 if name == "caltech101" else load_flowers102)(data_dir, train, download)
+        return images, None, labels
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS + TRANSFER)}")
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -254,10 +335,18 @@ def moco_v2_augmentation(image_size, crop_scale=CROP_SCALE):
     ])
 
 
-def eval_transform(image_size):
-    """Resize (shorter side) and centre-crop to `image_size`, normalise."""
-    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+def eval_transform(image_size, *, resize=None):
+    """Resize (shorter side, to `resize`, default `image_size`) and centre-crop to `image_size`, normalise."""
+    return v2.Compose([v2.Resize(resize or image_size, antialias=True), v2.CenterCrop(image_size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def linear_eval_transforms(image_size):
+    """MoCo's `main_lincls.py` views, scaled to `image_size` (224 px: the same): training
+    images get RandomResizedCrop + flip, test images Resize(256/224 x size) + CenterCrop."""
+    train = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(),
+                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    return train, eval_transform(image_size, resize=round(image_size * 256 / 224))
 
 
 class BatchedMoCoV2:
@@ -382,9 +471,9 @@ class TwoViews(torch.utils.data.Dataset):
 class Plain(torch.utils.data.Dataset):
     """Evaluation view of each image: `(image, label)`, or `(image, mask, label)` with masks."""
 
-    def __init__(self, images, masks, labels, image_size):
+    def __init__(self, images, masks, labels, image_size, transform=None):
         self.images, self.masks, self.labels = images, masks, labels
-        self.transform = eval_transform(image_size)
+        self.transform = transform or eval_transform(image_size)
 
     def __len__(self):
         return len(self.labels)
@@ -413,8 +502,9 @@ def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, ba
     return TwoViews(images, masks, labels, image_size, crop_scale)
 
 
-def eval_datasets(name, data_dir="data", image_size=64, **kwargs):
+def eval_datasets(name, data_dir="data", image_size=64, *, transforms=(None, None), **kwargs):
     """`(train, test)` evaluation datasets: the labelled train split (kNN memory, probe
-    training) and the test split."""
+    training) and the test split; `transforms` (train, test), default the centre view.
+    Any dataset of DATASETS or TRANSFER."""
     splits = [load_split(name, data_dir, train, image_size=image_size, **kwargs) for train in (True, False)]
-    return tuple(Plain(*split, image_size) for split in splits)
+    return tuple(Plain(*split, image_size, transform) for split, transform in zip(splits, transforms))

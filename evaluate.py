@@ -1,17 +1,21 @@
 """Evaluate a pre-trained encoder: kNN, linear probe, and saliency quality on `shapes`.
 
     python evaluate.py --checkpoint runs/shapes-moco/last.pt
+    python evaluate.py --checkpoint runs/shapes-moco/last.pt --dataset cifar10 --data-dir data   # transfer
+    python evaluate.py --checkpoint runs/shapes-moco/last.pt --export backbone.pth            # a torchvision ResNet
 
 The checkpoint carries its training flags, so nothing else is needed. Prints one JSON
 object and writes it next to the checkpoint (`eval.json`). When training high-passed its views
 (`--strategy hp` with masking, or `--high-pass on`), evaluation inputs are high-passed too, as
 in the paper.
 
-Importable: `extract_features`, `knn_accuracy`, `linear_probe`, `saliency_quality`.
+Importable: `extract_features`, `knn_accuracy`, `linear_probe`, `linear_probe_paper`,
+`saliency_quality`, `export_backbone`.
 """
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
 
@@ -119,6 +123,77 @@ def saliency_quality(sources, loader, device, grid, *, encoder=None, transform=N
             for name, figures in totals.items()}
 
 
+def linear_probe_paper(encoder, train_loader, test_loader, device, num_classes, *, epochs=100, lr=30.0,
+                       milestones=(60, 80), transform=None, seed=0):
+    """The release's linear evaluation (MoCo's `main_lincls.py`): a linear classifier on the
+    frozen backbone in eval mode, fed augmented images every epoch (`train_loader` draws a
+    RandomResizedCrop + flip of each image, `data.linear_eval_transforms`), SGD momentum 0.9,
+    `lr` 30, weight decay 0, lr x0.1 at `milestones`; top-1 (%) on `test_loader` (Resize +
+    CenterCrop). No feature standardisation: the classifier sees raw pooled features."""
+    torch.manual_seed(seed)
+    encoder.eval()
+    classifier = torch.nn.Linear(encoder.out_dim, num_classes).to(device)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=0.1)
+
+    def features(batch):
+        images = batch[0].to(device, non_blocking=True)
+        with torch.no_grad():
+            return encoder(transform(images) if transform is not None else images).float()
+    for _ in range(epochs):
+        for batch in train_loader:
+            labelled = batch[-1] >= 0
+            loss = F.cross_entropy(classifier(features(batch)[labelled.to(device)]), batch[-1][labelled].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    correct = sum(int((classifier(features(batch)).argmax(1).cpu() == batch[-1]).sum()) for batch in test_loader)
+    return 100.0 * correct / len(test_loader.dataset)
+
+
+def backbone_state(model):
+    """The backbone as a torchvision ResNet state_dict without `fc` (`conv1.weight`, `layer1.0...`)."""
+    return {name.removeprefix("trunk."): tensor.detach().cpu() for name, tensor in model.backbone.state_dict().items()}
+
+
+def detectron2_name(name):
+    """A torchvision ResNet name in detectron2's ResNet ("R-50") naming, as MoCo's
+    `detection/convert-pretrain-to-detectron2.py` renames: stem, res2-res5, conv/norm, shortcut."""
+    name = name if name.startswith("layer") else "stem." + name
+    for t in (1, 2, 3, 4):
+        name = name.replace(f"layer{t}", f"res{t + 1}")
+    for t in (1, 2, 3):
+        name = name.replace(f"bn{t}", f"conv{t}.norm")
+    return name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
+EXPORT_LAYOUTS = ("torchvision", "moco", "detectron2")
+
+
+def export_backbone(model, path, layout="torchvision"):
+    """Write the pre-trained backbone for use outside this project:
+    - `torchvision`: a plain ResNet state_dict without `fc`, for
+      `resnet50().load_state_dict(torch.load(path), strict=False)` (only `fc.*` missing);
+    - `moco`: `{"state_dict": {"module.encoder_q.<name>": ...}}`, what MoCo's (and the
+      release's) `main_lincls.py --pretrained` reads;
+    - `detectron2`: a pickle of `{"model": {detectron2 name: numpy array}, "__author__": "MOCO",
+      "matching_heuristics": True}`, as MoCo's converter writes for detection and segmentation
+      transfer (VOC, COCO) with detectron2.
+    The file is written atomically."""
+    state = backbone_state(model)
+    tmp = path + ".tmp"
+    if layout == "detectron2":
+        weights = {detectron2_name(name): tensor.numpy() for name, tensor in state.items()
+                   if not name.endswith("num_batches_tracked")}
+        with open(tmp, "wb") as f:
+            pickle.dump({"model": weights, "__author__": "MOCO", "matching_heuristics": True}, f)
+    else:
+        torch.save(state if layout == "torchvision" else
+                   {"state_dict": {f"module.encoder_q.{name}": tensor for name, tensor in state.items()}}, tmp)
+    os.replace(tmp, path)
+
+
 def fail(message):
     """A user-facing error: one line on stderr, exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -179,17 +254,28 @@ def main(argv=None):
     parser.add_argument("--checkpoint", help="OUT/last.pt written by train.py")
     parser.add_argument("--supervised", action="store_true",
                         help="instead: train a ResNet-18 with labels on shapes and report how hard it is")
-    parser.add_argument("--image-size", type=int, default=32, help="with --supervised")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="view size (default: the checkpoint's; 32 with --supervised)")
     parser.add_argument("--epochs", type=int, default=5, help="with --supervised")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--data-dir", default=None, help="override the checkpoint's --data-dir")
+    parser.add_argument("--export", metavar="PATH", help="only write the backbone to PATH (see --export-layout)")
+    parser.add_argument("--export-layout", choices=EXPORT_LAYOUTS, default="torchvision",
+                        help="torchvision: a ResNet state_dict without fc; moco: main_lincls.py's "
+                             "module.encoder_q.*; detectron2: a .pkl for detection transfer")
+    parser.add_argument("--dataset", choices=data.DATASETS + data.TRANSFER, default=None,
+                        help="evaluate on this dataset (transfer; default: the pre-training one)")
+    parser.add_argument("--data-dir", default=None, help="where --dataset is (default: the checkpoint's --data-dir)")
+    parser.add_argument("--download", action="store_true", help="let torchvision download --dataset")
+    parser.add_argument("--protocol", choices=["fast", "paper"], default="fast",
+                        help="linear probe: fast (cached centre-view features, standardised) or paper "
+                             "(augmented images through the frozen backbone each epoch, as main_lincls.py)")
     parser.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs (SPEC: 100)")
     parser.add_argument("--knn-k", type=int, default=200)
     parser.add_argument("--saliency-weights", default=None, help="ResNet-50 state_dict for the pretrained source")
     args = parser.parse_args(argv)
     for flag, value in (("--knn-k", args.knn_k), ("--probe-epochs", args.probe_epochs), ("--epochs", args.epochs),
                         ("--image-size", args.image_size)):
-        if value < 1:
+        if value is not None and value < 1:
             fail(f"{flag} {value}: need at least 1")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -198,7 +284,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no GPU is visible; use --device cpu")
     if args.supervised:
-        results = supervised_baseline(image_size=args.image_size, epochs=args.epochs, device=device)
+        results = supervised_baseline(image_size=args.image_size or 32, epochs=args.epochs, device=device)
         print(json.dumps(results, indent=2))
         return results
     if not args.checkpoint:
@@ -208,33 +294,50 @@ def main(argv=None):
 
     model = models.build_model(train_args)
     model.load_state_dict(checkpoint["model"])
+    if args.export:
+        try:
+            export_backbone(model, args.export, args.export_layout)
+        except OSError as error:
+            fail(f"--export {args.export}: cannot write it ({error.strerror or error}); pick another path")
+        note = ("" if train_args.stem != "cifar" else "; it has the CIFAR stem: build the torchvision ResNet "
+                "with conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = nn.Identity() before loading")
+        print(f"wrote the {train_args.arch} backbone to {args.export} ({args.export_layout} layout){note}")
+        return {"export": args.export}
     encoder = model.backbone.to(device)
+    dataset = args.dataset or train_args.dataset
+    image_size = args.image_size or train_args.image_size
     high_pass = getattr(train_args, "high_pass", None)               # None: a checkpoint from before the flag
     if high_pass is None:
         high_pass = "on" if train_args.strategy == "hp" and train_args.masking != "none" else "off"
     transform = masking.Masker(train_args.strategy, train_args.grid, high_pass=True).filter \
         if high_pass == "on" else None
-    try:
-        train_set, test_set = data.eval_datasets(train_args.dataset, args.data_dir or train_args.data_dir,
-                                                 train_args.image_size, shapes_size=tuple(train_args.shapes_size))
-    except data.DataError as error:
-        fail(error)
-    loader = lambda dataset: torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=train_args.workers)
+    data_dir = args.data_dir or train_args.data_dir
+    loader = lambda dataset, shuffle=False: torch.utils.data.DataLoader(
+        dataset, batch_size=256, shuffle=shuffle, num_workers=train_args.workers)
     start = time.time()
     try:
+        train_set, test_set = data.eval_datasets(dataset, data_dir, image_size, download=args.download,
+                                                 shapes_size=tuple(train_args.shapes_size))
         train_features, train_labels = extract_features(encoder, loader(train_set), device, transform=transform)
         test_features, test_labels = extract_features(encoder, loader(test_set), device, transform=transform)
+        labelled = train_labels >= 0
+        results = {"checkpoint": args.checkpoint, "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
+                   "dataset": dataset, "image_size": image_size, "protocol": args.protocol,
+                   "knn_top1": round(knn_accuracy(train_features[labelled], train_labels[labelled], test_features,
+                                                  test_labels, k=args.knn_k), 2)}
+        if args.protocol == "fast":
+            results["linear_top1"] = round(linear_probe(train_features[labelled], train_labels[labelled],
+                                                        test_features, test_labels, epochs=args.probe_epochs), 2)
+        else:
+            augmented, centred = data.eval_datasets(dataset, data_dir, image_size, shapes_size=tuple(
+                train_args.shapes_size), transforms=data.linear_eval_transforms(image_size))
+            results["linear_top1"] = round(linear_probe_paper(
+                encoder, loader(augmented, shuffle=True), loader(centred), device, int(train_labels.max()) + 1,
+                epochs=args.probe_epochs, milestones=(round(0.6 * args.probe_epochs), round(0.8 * args.probe_epochs)),
+                transform=transform), 2)
     except data.DataError as error:                                   # an unreadable image, maybe in a worker
         fail(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1])
-    labelled = train_labels >= 0
-    results = {
-        "checkpoint": args.checkpoint, "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
-        "knn_top1": round(knn_accuracy(train_features[labelled], train_labels[labelled], test_features,
-                                       test_labels, k=args.knn_k), 2),
-        "linear_top1": round(linear_probe(train_features[labelled], train_labels[labelled], test_features,
-                                          test_labels, epochs=args.probe_epochs), 2),
-    }
-    if train_args.dataset == "shapes":
+    if dataset == "shapes" and train_args.dataset == "shapes":
         sources = {"spectral": saliency.Saliency("spectral", train_args.grid),
                    "gt": saliency.Saliency("gt", train_args.grid)}
         side = models.feature_map_size(train_args.image_size, cifar_stem=train_args.stem == "cifar")
@@ -253,7 +356,9 @@ def main(argv=None):
                                                        transform=transform)
     results["seconds"] = round(time.time() - start, 1)
     print(json.dumps(results, indent=2))
-    with open(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.json"), "w") as f:
+    name = "eval.json" if dataset == train_args.dataset and args.protocol == "fast" else \
+        f"eval-{dataset}-{args.protocol}.json"
+    with open(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name), "w") as f:
         json.dump(results, f, indent=2)
     return results
 

@@ -1305,6 +1305,114 @@ def test_evaluate_bench_and_study_refuse_values_outside_their_meaning(capsys, ma
     assert stop.value.code == 2 and message in err and "\n" not in err
 
 
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trained")
+    run_train(folder, "--epochs", "1", "--max-steps", "2")
+    return folder / "run" / "last.pt"
+
+
+def test_export_loads_into_a_fresh_torchvision_resnet_with_the_same_features(trained_checkpoint, tmp_path):
+    import torchvision
+    evaluate.main(["--checkpoint", str(trained_checkpoint), "--export", str(tmp_path / "backbone.pth")])
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(torch.load(tmp_path / "backbone.pth"), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    checkpoint = torch.load(trained_checkpoint, weights_only=False)
+    model = models.build_model(argparse.Namespace(**checkpoint["args"]))
+    model.load_state_dict(checkpoint["model"])
+    net.fc = nn.Identity()
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(net.eval()(x), model.backbone.eval()(x))
+
+
+def test_export_in_moco_and_detectron2_layouts(trained_checkpoint, tmp_path):
+    state = evaluate.backbone_state(models.build_model(argparse.Namespace(
+        **torch.load(trained_checkpoint, weights_only=False)["args"])))
+    evaluate.main(["--checkpoint", str(trained_checkpoint), "--export", str(tmp_path / "moco.pth"),
+                   "--export-layout", "moco"])
+    moco = torch.load(tmp_path / "moco.pth")["state_dict"]            # what main_lincls.py --pretrained reads
+    assert set(moco) == {f"module.encoder_q.{name}" for name in state}
+    evaluate.main(["--checkpoint", str(trained_checkpoint), "--export", str(tmp_path / "d2.pkl"),
+                   "--export-layout", "detectron2"])
+    with open(tmp_path / "d2.pkl", "rb") as f:
+        exported = pickle.load(f)
+    assert exported["__author__"] == "MOCO" and exported["matching_heuristics"] is True
+    weights = exported["model"]
+    for name in ("stem.conv1.weight", "stem.conv1.norm.running_var", "res2.0.conv1.weight", "res2.0.conv1.norm.bias",
+                 "res3.0.shortcut.weight", "res3.0.shortcut.norm.running_mean", "res5.1.conv2.norm.weight"):
+        assert isinstance(weights[name], np.ndarray), name
+    assert weights["res3.0.shortcut.weight"].shape == tuple(state["layer2.0.downsample.0.weight"].shape)
+    assert len(weights) == len([n for n in state if not n.endswith("num_batches_tracked")])
+
+
+def write_caltech(root, classes=3, per_class=4):
+    from PIL import Image
+    for c in ["BACKGROUND_Google"] + list(range(classes)):            # the real layout: the reader drops BACKGROUND
+        folder = root / "caltech101" / "101_ObjectCategories" / (c if isinstance(c, str) else f"class{c}")
+        folder.mkdir(parents=True)
+        for i in range(1, per_class + 1):
+            Image.new("L" if i == 1 else "RGB", (40, 30), 60 * i).save(folder / f"image_{i:04d}.jpg")   # some grey
+
+
+def write_flowers(root, classes=3, per_class=4):
+    from PIL import Image
+    from scipy.io import savemat
+    folder = root / "flowers-102"
+    (folder / "jpg").mkdir(parents=True)
+    n = classes * per_class
+    for i in range(1, n + 1):
+        Image.new("RGB", (40, 30), (20 * i, 0, 0)).save(folder / "jpg" / f"image_{i:05d}.jpg")
+    savemat(folder / "imagelabels.mat", {"labels": np.arange(n)[None] % classes + 1})
+    ids = np.arange(1, n + 1)
+    savemat(folder / "setid.mat", {"trnid": ids[None, 0::3], "valid": ids[None, 1::3], "tstid": ids[None, 2::3]})
+
+
+def test_caltech101_reader_splits_per_class_and_reads_grey_images_as_rgb(tmp_path):
+    write_caltech(tmp_path, per_class=5)
+    train_set, test_set = data.eval_datasets("caltech101", str(tmp_path), 24)
+    assert len(train_set) == 12 and len(test_set) == 3                # 30 per class, at most all but one
+    image, label = train_set[0]
+    assert image.shape == (3, 24, 24) and torch.bincount(test_set.labels).tolist() == [1, 1, 1]
+    again, _ = data.eval_datasets("caltech101", str(tmp_path), 24)
+    assert again.images.indices == train_set.images.indices           # the split is fixed (seeded)
+
+
+def test_flowers102_reader_uses_the_standard_splits(tmp_path, monkeypatch):
+    write_flowers(tmp_path)
+    train_set, test_set = data.eval_datasets("flowers102", str(tmp_path), 24)
+    assert len(train_set) == 8 and len(test_set) == 4                 # train + val, test
+    image, label = test_set[0]
+    assert image.shape == (3, 24, 24) and int(label) == 2 % 3         # image 3: the third class
+    monkeypatch.setitem(sys.modules, "scipy.io", None)                # a machine without scipy
+    with pytest.raises(data.DataError, match="pip install scipy"):
+        data.eval_datasets("flowers102", str(tmp_path), 24)
+
+
+@pytest.mark.parametrize("name,expected", [("caltech101", "101_ObjectCategories"), ("flowers102", "imagelabels.mat")])
+def test_missing_transfer_data_names_what_to_put_where(tmp_path, capsys, trained_checkpoint, name, expected):
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--checkpoint", str(trained_checkpoint), "--dataset", name, "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and expected in err and "\n" not in err
+
+
+def test_transfer_from_shapes_to_cifar10_files_with_both_probes(trained_checkpoint, tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    fast = evaluate.main(["--checkpoint", str(trained_checkpoint), "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                          "--probe-epochs", "3"])
+    paper = evaluate.main(["--checkpoint", str(trained_checkpoint), "--dataset", "cifar10", "--data-dir",
+                           str(tmp_path), "--probe-epochs", "2", "--protocol", "paper"])
+    for results in (fast, paper):
+        assert results["dataset"] == "cifar10" and 0 <= results["knn_top1"] <= 100
+        assert 0 <= results["linear_top1"] <= 100 and "saliency_quality" not in results
+    assert json.loads((trained_checkpoint.parent / "eval-cifar10-paper.json").read_text())["protocol"] == "paper"
+    caltech = tmp_path / "caltech"
+    write_caltech(caltech)
+    assert evaluate.main(["--checkpoint", str(trained_checkpoint), "--dataset", "caltech101", "--data-dir",
+                          str(caltech), "--probe-epochs", "2"])["dataset"] == "caltech101"
+
+
 def test_supervised_baseline_reports_its_three_figures():
     results = evaluate.supervised_baseline(image_size=32, epochs=1, batch_size=64, shapes_size=(256, 128))
     assert set(results) >= {"supervised_top1", "supervised_knn_top1", "random_init_knn_top1"}
