@@ -1260,6 +1260,9 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_lives(tmp_pat
         owner.wait()
     run_train(tmp_path, "--epochs", "1", "--max-steps", "1")          # its owner is gone: taken over
     assert not (tmp_path / "run" / "train.lock").exists()             # and released at the end
+    (tmp_path / "run" / "train.lock").write_text("")                  # a writer that died before writing its pid
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "2", "--resume", "auto")
+    assert not (tmp_path / "run" / "train.lock").exists()
 
 
 def test_a_failed_save_removes_its_temporary_file_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):

@@ -532,7 +532,9 @@ def lock_out_folder(out):
         except FileExistsError:
             try:
                 with open(path) as f:
-                    owner = int(f.read().strip() or 0)
+                    owner = int(f.read().strip())                         # empty: its writer died at once
+                if owner <= 0:
+                    raise ValueError(owner)
                 os.kill(owner, 0)                                          # raises when it is gone
             except (ValueError, ProcessLookupError, FileNotFoundError):
                 with contextlib.suppress(FileNotFoundError):
