@@ -148,7 +148,8 @@ def linear_probe_paper(encoder, train_loader, test_loader, device, num_classes, 
             loss.backward()
             optimizer.step()
         scheduler.step()
-    correct = sum(int((classifier(features(batch)).argmax(1).cpu() == batch[-1]).sum()) for batch in test_loader)
+    with torch.no_grad():
+        correct = sum(int((classifier(features(batch)).argmax(1).cpu() == batch[-1]).sum()) for batch in test_loader)
     return 100.0 * correct / len(test_loader.dataset)
 
 
