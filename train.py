@@ -91,7 +91,8 @@ def parse_args(argv=None):
            "shapes alpha 2 cost 8-19 kNN points against alpha 1 over three seeds, see the README)")
     a("--hard-negative-pairing", choices=models.PAIRINGS, default="own",
       help="own: each query meets its own image's hard negative (the paper's text); release: every "
-           "query meets the batch's first image's (what the released code computes, see the README)")
+           "query meets the batch's first image's (what the released code computes; with alpha 2 on "
+           "shapes it ended below the random-init encoder, see the README)")
     a("--queue-size", type=int, default=None, help="MoCo queue K (default 4096 small images, 65536 large)")
     a("--moco-momentum", type=float, default=None,
       help="momentum m of the key/target encoder (0.99 small, 0.999 large); BYOL: the base value, "
