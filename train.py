@@ -99,8 +99,9 @@ def parse_args(argv=None):
            "raised to 1 by a cosine over training")
     a("--temperature", type=float, default=None, help="tau (0.1 small images, 0.2 large: paper)")
     a("--bn-splits", type=int, default=None,
-      help="BatchNorm sub-batches, simulating Shuffle-BN's GPUs on one device (default: 8 for small "
-           "images, MoCo's CIFAR demo; large images: one per 32 images, as the release's 4 GPUs at batch 128)")
+      help="BatchNorm sub-batches of the global batch, simulating Shuffle-BN's GPUs (default: 8 for small "
+           "images, MoCo's CIFAR demo; large images: the fewest of at most 32 images, as the release's 4 "
+           "GPUs at batch 128; under torchrun a multiple of the number of processes)")
     a("--amp", choices=["bf16", "fp16", "off"], default=None, help="autocast dtype (default bf16 on cuda, off on cpu)")
     a("--channels-last", action="store_true", help="channels_last memory format")
     a("--compile", action="store_true", help="torch.compile the model")
