@@ -82,9 +82,13 @@ def identity(args, *, with_seed=True):
 
 
 def commit():
+    """The code's commit, `-dirty` when a Python file or the requirements differ from it (the
+    results file this script writes does not count)."""
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "*.py", "requirements.txt"]).returncode
+        return head + ("-dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
