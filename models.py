@@ -14,7 +14,8 @@ worth logging. `backbone` is the encoder to evaluate; `saliency_encoder` the one
 
 Single device: Shuffle-BN needs several GPUs in the release; here `SplitBatchNorm2d`
 normalises `bn_splits` sub-batches separately and the key batch is permuted before the key
-encoder and restored after, which gives the same effect on one device.
+encoder and restored after, which gives the same effect on one device. Under torchrun the
+same sub-batches are spread over the processes (see "several processes" below).
 Depends on torch, torchvision and losses.py.
 """
 import contextlib

@@ -1,6 +1,7 @@
-"""Pre-train a ResNet with saliency-guided masking and masked hard negatives, on one device.
+"""Pre-train a ResNet with saliency-guided masking and masked hard negatives, on one device
+or, under torchrun, on several.
 
-    python train.py                                  # shapes, MoCo v2 + the method, ~10 min on 2 CPU cores
+    python train.py                                  # shapes, MoCo v2 + the method, 6-11 min on 2 CPU cores
     python train.py --dataset cifar10 --data-dir data --download --epochs 200
     python train.py --masking none                   # the plain MoCo v2 baseline
     python train.py --resume runs/shapes-moco/last.pt
