@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -1170,13 +1171,20 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys):
         assert stop.value.code == 2 and message in err and "\n" not in err
 
 
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("one-step")
+    run_train(folder, "--epochs", "2", "--max-steps", "1")
+    return folder / "run"
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--batch-size", "16"], "--batch-size 32, not 16"), (["--queue-size", "128"], "--queue-size 64, not 128"),
     (["--seed", "1"], "--seed 0, not 1"), (["--masking", "random", "--num-hard-negatives", "0"], "--masking saliency"),
     (["--strategy", "blur"], "--strategy hp, not blur"), (["--shapes-size", "96", "64"], "--shapes-size 128 64, not 96 64"),
     (["--subset", "64"], "--subset 0, not 64"), (["--epochs", "3"], "--epochs 2, not 3")])
-def test_resume_refuses_flags_that_change_the_run(tmp_path, capsys, extra, message):
-    run_train(tmp_path, "--epochs", "2", "--max-steps", "1")
+def test_resume_refuses_flags_that_change_the_run(one_step_run, tmp_path, capsys, extra, message):
+    shutil.copytree(one_step_run, tmp_path / "run")                    # a run of 2 epochs stopped after step 1
     with pytest.raises(SystemExit) as stop:
         run_train(tmp_path, "--epochs", "2", "--resume", "auto", *extra)
     err = capsys.readouterr().err.strip()
