@@ -1192,6 +1192,12 @@ def test_resume_refuses_flags_that_change_the_run(one_step_run, tmp_path, capsys
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 1    # untouched
 
 
+def test_the_progress_line_shows_only_the_shares_a_run_measures(tmp_path, capsys):
+    run_train(tmp_path, "--masking", "random", "--num-hard-negatives", "0", "--epochs", "1", "--max-steps", "1")
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch 1/1 step 1/1 "))
+    assert " masked 0." in line and " fg " not in line and "nan" not in line       # random masks need no saliency
+
+
 def test_resume_auto_starts_fresh_then_continues_and_drops_the_records_of_lost_steps(tmp_path):
     run_train(tmp_path, "--epochs", "2", "--max-steps", "6", "--resume", "auto")     # no last.pt: starts
     lost = tmp_path / "run" / "metrics.jsonl"

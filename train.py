@@ -718,9 +718,10 @@ def run(args, checkpoint, train_set, steps_per_epoch, stop):
                                if v is not None and v.numel() == 1})
                 rate = (step - epoch_first_step) * args.batch_size / (time.perf_counter() - epoch_start)
                 eta = (stop_at - step) * args.batch_size / rate
+                shares = "".join(f" {name} {record[key]:.2f}" for name, key in
+                                 (("fg", "fg_ratio"), ("masked", "masked_fraction")) if key in record)
                 say(f"epoch {epoch + 1}/{args.epochs} step {step}/{stop_at} loss {record['loss']:.4f} "
-                      f"{rate:.0f} img/s eta {eta / 60:.1f} min fg {record.get('fg_ratio', float('nan')):.2f} "
-                      f"masked {record.get('masked_fraction', 0):.2f}", flush=True)
+                      f"{rate:.0f} img/s eta {eta / 60:.1f} min{shares}", flush=True)
                 log({**record, "images_per_s": round(rate, 1)})
             if step >= stop_at:
                 done = True
