@@ -16,11 +16,20 @@ machine.
 `masking`: the batched masks and fills of masking.py against a straightforward per-image
 loop (a randperm per image, patches filled one at a time), on the same inputs. Medians of
 `--repeats` runs.
+
+`--json PATH` also writes what was printed, with the device, the commit and the
+configuration (results/bench-GPUNAME.json holds a GPU's). The warm-up of each whole-step
+configuration is timed apart: with `--compile` it is the compile time. `--sync-debug` (a
+GPU) records every host synchronisation inside the timed steps; a step should have none.
 """
 import argparse
+import contextlib
 import math
+import os
+import platform
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -116,8 +125,12 @@ def bench_masking(args, device):
     for name, seconds in rows:
         print(f"  {name:40s} {seconds * 1e3:9.2f} ms")
     t = dict(rows)
-    print(f"  speed-up, masks:             {t['masks, per-image loop'] / t['masks, batched']:6.1f}x")
-    print(f"  speed-up, masks + noise fill: {t['masks + hp noise fill, per-image loop'] / t['masks + hp noise fill, batched']:6.1f}x")
+    speedups = {"masks": t["masks, per-image loop"] / t["masks, batched"],
+                "masks + noise fill": t["masks + hp noise fill, per-image loop"] / t["masks + hp noise fill, batched"]}
+    for name, ratio in speedups.items():
+        print(f"  speed-up, {name + ':':20s} {ratio:6.1f}x")
+    return {"ms": {name: round(seconds * 1e3, 3) for name, seconds in rows},
+            "speed_up": {name: round(ratio, 2) for name, ratio in speedups.items()}}
 
 
 # ----------------------------------------------------------------------------- training step
@@ -223,28 +236,64 @@ def bench_step(args, device):
         flags, objects, _ = setups[config]
         for _ in range(args.steps):
             train.train_step(flags, next(streams[config]), objects)
-    for config in CONFIGS:                                            # warm-up (and compile)
-        steps(config)
+    warmup = {config: median_seconds(lambda: steps(config), 1, device, warmup=False)   # and compile
+              for config in CONFIGS}
     times = {config: [] for config in CONFIGS}
-    for _ in range(args.repeats):                                     # in turns: noise hits all alike
-        for config in CONFIGS:
-            times[config].append(median_seconds(lambda: steps(config), 1, device, warmup=False) / args.steps)
+    with synchronisations_recorded(args.sync_debug) as syncs:
+        for _ in range(args.repeats):                                 # in turns: noise hits all alike
+            for config in CONFIGS:
+                times[config].append(median_seconds(lambda: steps(config), 1, device, warmup=False) / args.steps)
     step = {config: statistics.median(t) for config, t in times.items()}
     plain = step["plain"]
     print(f"whole steps ({args.steps} per turn), images/s:")
     for config, seconds in step.items():
-        print(f"  {config:34s} {B / seconds:9.0f} img/s  {seconds * 1e3:8.1f} ms/step  {seconds / plain:5.2f}x plain")
+        print(f"  {config:34s} {B / seconds:9.0f} img/s  {seconds * 1e3:8.1f} ms/step  {seconds / plain:5.2f}x plain"
+              f"  (warm-up{' + compile' if args.compile else ''}: {warmup[config]:.1f} s)")
+    report = {"parts_ms": {name: round(seconds * 1e3, 3) for name, seconds in parts.items()},
+              "whole_steps": {config: {"images_per_s": round(B / seconds, 1), "ms_per_step": round(seconds * 1e3, 3),
+                                       "against_plain": round(seconds / plain, 3),
+                                       "warmup_seconds": round(warmup[config], 2)}
+                              for config, seconds in step.items()}}
     if parts:
         overhead = parts["saliency (2 views)"] + parts["mask building + filling"]
+        report["overhead_share_of_plain"] = round(overhead / plain, 4)
         print(f"  saliency + masks + fill: {100 * overhead / plain:.1f} % of a plain step (target <= 10 %); "
               f"the method: {step['+ hard negative'] / plain:.2f}x plain (target <= 1.45x)")
-    return step
+    if args.sync_debug:
+        report["host_synchronisations"] = syncs
+        print(f"  host synchronisations in {args.repeats * args.steps * len(CONFIGS)} timed steps: {len(syncs)}"
+              + "".join(f"\n    {where}" for where in sorted(set(syncs))))
+    return report
+
+
+@contextlib.contextmanager
+def synchronisations_recorded(on):
+    """With `on` (a GPU), the host synchronisations inside the block, as the places that caused
+    them (torch's sync debug mode, "warn"); else nothing is recorded."""
+    found = []
+    if not on:
+        yield found
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message))
 
 
 def describe(device):
+    """The device's name: the GPU's, or the CPU's with the threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{torch.get_num_threads()} threads"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "CPU"
+    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None):
@@ -271,6 +320,9 @@ def main(argv=None):
                       help="batched: on the device (train.py's default); torchvision: per image in the loader")
     step.add_argument("--workers", type=int, default=0, help="loader workers (the batched augmentation runs on the device)")
     step.add_argument("--steps", type=int, default=10, help="steps per timed turn")
+    step.add_argument("--sync-debug", action="store_true",
+                      help="a GPU: record the host synchronisations inside the timed steps (torch's sync debug mode)")
+    parser.add_argument("--json", metavar="PATH", help="also write what was printed, with device, commit and flags")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "grid", "repeats", "steps", "image_size"):
         value = getattr(args, flag)
@@ -284,13 +336,22 @@ def main(argv=None):
         evaluate.fail(f"--device {args.device}: use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         evaluate.fail("--device cuda: no GPU is visible; use --device cpu")
+    if args.sync_debug and device.type != "cuda":
+        evaluate.fail("--sync-debug: host synchronisations are a GPU's; leave it out on a CPU")
+    if args.json and os.path.isdir(args.json):
+        evaluate.fail(f"--json {args.json}: is a folder; give a file name, e.g. results/bench-h100.json")
     if args.part == "masking":
         args.image_size = args.image_size or 224
-        bench_masking(args, device)
+        report = bench_masking(args, device)
     else:
         args.image_size = args.image_size or 32
         args.stem = args.stem or ("cifar" if device.type == "cuda" else "imagenet")
-        bench_step(args, device)
+        report = bench_step(args, device)
+    if args.json:
+        evaluate.write_json(args.json, {"device": describe(device), "commit": evaluate.code_commit(),
+                                        "torch": torch.__version__, "configuration": vars(args), **report})
+        print(f"wrote {args.json}")
+    return report
 
 
 if __name__ == "__main__":

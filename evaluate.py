@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import pickle
+import subprocess
 import sys
 import time
 
@@ -201,6 +202,28 @@ def fail(message):
     sys.exit(2)
 
 
+def write_json(path, value, indent=2):
+    """Write `value` as JSON to `path` atomically: a reader sees the old file or the new one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=indent)
+    os.replace(path + ".tmp", path)
+
+
+def code_commit():
+    """The project's commit, `-dirty` when a Python file or the requirements differ from it
+    (results files do not count); "unknown" outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "*.py", "requirements.txt"],
+                                 cwd=here, capture_output=True).returncode
+        return head + ("-dirty" if changed else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def supervised_baseline(dataset="shapes", *, arch="resnet18", image_size=32, epochs=5, batch_size=128,
                         lr=0.1, device="cpu", shapes_size=(20000, 5000), seed=0):
     """How hard a dataset is: a ResNet trained with labels (MoCo v2 augmentation, SGD,
@@ -359,8 +382,7 @@ def main(argv=None):
     print(json.dumps(results, indent=2))
     name = "eval.json" if dataset == train_args.dataset and args.protocol == "fast" else \
         f"eval-{dataset}-{args.protocol}.json"
-    with open(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name), results)
     return results
 
 

@@ -81,18 +81,6 @@ def identity(args, *, with_seed=True):
     return json.dumps({k: v for k, v in args.items() if k not in drop}, sort_keys=True)
 
 
-def commit():
-    """The code's commit, `-dirty` when a Python file or the requirements differ from it (the
-    results file this script writes does not count)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "*.py", "requirements.txt"]).returncode
-        return head + ("-dirty" if changed else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_one(row, seed, args, lock):
     """Train and evaluate one run; add its record to the results file. Returns None, or why it failed."""
     framework, name, _ = ROWS[row - 1]
@@ -114,14 +102,14 @@ def run_one(row, seed, args, lock):
         evaluation = json.load(f)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         final = [r for r in map(json.loads, f) if r.get("final")][-1]
-    record = {"row": row, "framework": framework, "name": name, "commit": commit(), "args": resolved,
+    record = {"row": row, "framework": framework, "name": name, "commit": evaluate.code_commit(), "args": resolved,
               "knn_top1": evaluation["knn_top1"], "linear_top1": evaluation["linear_top1"],
               "knn_top1_random_init": final["knn_top1_random_init"], "steps": final["step"],
               "train_minutes": final["minutes"], "saliency_quality": evaluation.get("saliency_quality")}
     with lock:
         results = load(args.results)
         results.append(record)
-        save(args.results, results)
+        evaluate.write_json(args.results, results, indent=1)
     print(f"row {row} seed {seed}: kNN {record['knn_top1']:.2f} % (random init {record['knn_top1_random_init']:.2f}), "
           f"linear {record['linear_top1']:.2f} % ({framework}, {name})", flush=True)
 
@@ -139,13 +127,6 @@ def load(path):
     if not isinstance(results, list):
         evaluate.fail(f"--results {path}: not a JSON list of runs; restore it from git or pass another --results")
     return results
-
-
-def save(path, results):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def spread(values):

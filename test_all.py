@@ -1314,6 +1314,8 @@ def test_evaluate_reads_everything_from_the_checkpoint(tmp_path):
     ("bench", ["--repeats", "0"], "--repeats 0"), ("bench", ["--steps", "0"], "--steps 0"),
     ("bench", ["--batch-size", "0"], "--batch-size 0"), ("bench", ["--grid", "0"], "--grid 0"),
     ("bench", ["--device", "gpu"], "--device gpu"), ("study", ["--jobs", "0"], "--jobs 0"),
+    ("bench", ["--device", "cpu", "--sync-debug"], "--sync-debug: host synchronisations are a GPU's"),
+    ("bench", ["--device", "cpu", "--json", "."], "--json .: is a folder"),
 ])
 def test_evaluate_bench_and_study_refuse_values_outside_their_meaning(capsys, main, argv, message):
     with pytest.raises(SystemExit) as stop:
@@ -1442,12 +1444,29 @@ def test_supervised_baseline_reports_its_three_figures():
 def test_bench_times_every_part_and_the_three_configurations(capsys, augment):
     args = argparse.Namespace(framework="moco", arch="resnet18", stem="imagenet", image_size=32, batch_size=16,
                               device="cpu", amp="off", saliency="spectral", strategy="hp", augment=augment,
-                              workers=0, channels_last=False, compile=False, repeats=1, steps=1)
-    step = bench.bench_step(args, torch.device("cpu"))
-    assert list(step) == list(bench.CONFIGS) and all(0 < seconds < 60 for seconds in step.values())
+                              workers=0, channels_last=False, compile=False, repeats=1, steps=1, sync_debug=False)
+    report = bench.bench_step(args, torch.device("cpu"))
+    steps = report["whole_steps"]
+    assert list(steps) == list(bench.CONFIGS) and all(0 < s["ms_per_step"] < 60_000 for s in steps.values())
+    assert steps["plain"]["against_plain"] == 1.0 and 0 < report["overhead_share_of_plain"]
     out = capsys.readouterr().out
-    for part in ("data", "saliency (2 views)", "mask building + filling", "hard-negative forward", "1.45x"):
+    for part in ("data", "saliency (2 views)", "mask building + filling", "hard-negative forward", "1.45x", "warm-up"):
         assert part in out
+    assert set(report["parts_ms"]) >= {"data (loader, to device)", "saliency (2 views)", "optimizer"}
+
+
+def test_bench_json_holds_what_it_printed_with_device_commit_and_flags(tmp_path, capsys):
+    path = tmp_path / "bench" / "cpu.json"                              # its folder is made
+    bench.main(["--device", "cpu", "--batch-size", "16", "--repeats", "1", "--steps", "1", "--json", str(path)])
+    out = capsys.readouterr().out
+    written = json.loads(path.read_text())
+    assert written["configuration"]["batch_size"] == 16 and written["configuration"]["stem"] == "imagenet"
+    assert "threads" in written["device"] and (written["commit"] == "unknown" or
+                                               len(written["commit"].removesuffix("-dirty")) >= 7)
+    for config, figures in written["whole_steps"].items():              # the printed images/s, rounded
+        assert f"{config:34s} {figures['images_per_s']:9.0f} img/s" in out
+    assert f"{100 * written['overhead_share_of_plain']:.1f} % of a plain step" in out
+    assert not list(path.parent.glob("*.tmp"))
 
 
 # ============================================================================ study.py
