@@ -127,11 +127,9 @@ def patch_to_pixel_mask(mask, grid, height, width):
     Pixel row `y` lies in patch row `floor(y * grid / height)`, so any size works; for sizes
     that are multiples of `grid` every patch is `height/grid x width/grid` pixels.
     """
-    def sizes(n):                                                     # pixels per patch row/col
-        return torch.bincount(torch.arange(n, device=mask.device) * grid // n, minlength=grid)
-    mask = mask.unflatten(-1, (grid, grid))
-    mask = mask.repeat_interleave(sizes(height), dim=-2, output_size=height)
-    return mask.repeat_interleave(sizes(width), dim=-1, output_size=width)
+    rows = torch.arange(height, device=mask.device) * grid // height     # one gather: no host sync
+    cols = torch.arange(width, device=mask.device) * grid // width
+    return mask.unflatten(-1, (grid, grid))[..., rows[:, None], cols]
 
 
 def fill_noise_(images, patch_mask, grid, std, generator=None):
