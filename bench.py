@@ -145,9 +145,9 @@ def step_setup(args, config):
     argv = ["--framework", args.framework, "--arch", args.arch, "--stem", args.stem,
             "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
             "--device", args.device, "--amp", args.amp, "--saliency", args.saliency,
-            "--strategy", args.strategy, "--workers", str(args.workers), "--augment", args.augment,
-            "--out", "bench-not-written",
-            *(["--channels-last"] if args.channels_last else []), *(["--compile"] if args.compile else []),
+            "--strategy", args.strategy, "--augment", args.augment, "--compile", args.compile,
+            "--out", "bench-not-written", *(["--workers", str(args.workers)] if args.workers is not None else []),
+            *(["--channels-last"] if args.channels_last else []),
             *CONFIGS[config]]
     flags = train.parse_args(argv)
     flags.epochs, flags.warmup_epochs = 1, 0.0
@@ -167,6 +167,7 @@ def batches(loader):
 def profile_parts(args, device):
     """Seconds per batch of each part of a step of the method (MoCo), each timed alone."""
     flags, parts, loader = step_setup(args, "+ hard negative")
+    compiled = train.compile_with(flags.compile)                      # each part on its own
     model, sal, masker = parts.model, parts.sal, parts.masker
     stream = batches(loader)
     raw = [t.to(device) for t in next(stream)]
@@ -212,10 +213,11 @@ def profile_parts(args, device):
     for fill in (augment, saliencies, mask_and_fill):                 # the inputs of the later parts
         fill()
     rows = [("data (loader, to device)", data_seconds)]
-    for name, fn in [("augmentation (2 views)", augment), ("saliency (2 views)", saliencies),
-                     ("mask building + filling", mask_and_fill), ("query forward + backward", query_forward_backward),
-                     ("key forward (+ momentum update)", key_forward), ("hard-negative forward", negative_forward),
-                     ("optimizer", optimizer_step)]:
+    for name, fn in [("augmentation (2 views)", compiled(augment)), ("saliency (2 views)", compiled(saliencies)),
+                     ("mask building + filling", compiled(mask_and_fill)),
+                     ("query forward + backward", compiled(query_forward_backward)),
+                     ("key forward (+ momentum update)", compiled(key_forward)),
+                     ("hard-negative forward", compiled(negative_forward)), ("optimizer", optimizer_step)]:
         rows.append((name, median_seconds(fn, args.repeats, device)))
     return rows
 
@@ -225,11 +227,12 @@ def bench_step(args, device):
     print(f"training step: {args.framework} {args.arch} ({args.stem} stem), {args.image_size} px, batch {B}, "
           f"saliency {args.saliency}, fill {args.strategy}, amp {args.amp}, channels_last {args.channels_last}, "
           f"compile {args.compile}; {device} ({describe(device)}); medians of {args.repeats}")
-    parts = dict(profile_parts(args, device)) if args.framework == "moco" else {}
+    parts = dict(profile_parts(args, device)) if args.framework == "moco" and not args.no_parts else {}
     for name, seconds in parts.items():
         print(f"  {name:34s} {seconds * 1e3:9.2f} ms")
 
     setups = {config: step_setup(args, config) for config in CONFIGS}
+    args.workers = setups["plain"][0].workers                          # as resolved, for --json
     streams = {config: batches(loader) for config, (_, _, loader) in setups.items()}
 
     def steps(config):
@@ -248,22 +251,38 @@ def bench_step(args, device):
     print(f"whole steps ({args.steps} per turn), images/s:")
     for config, seconds in step.items():
         print(f"  {config:34s} {B / seconds:9.0f} img/s  {seconds * 1e3:8.1f} ms/step  {seconds / plain:5.2f}x plain"
-              f"  (warm-up{' + compile' if args.compile else ''}: {warmup[config]:.1f} s)")
+              f"  (warm-up{'' if args.compile == 'off' else ' + compile'}: {warmup[config]:.1f} s)")
     report = {"parts_ms": {name: round(seconds * 1e3, 3) for name, seconds in parts.items()},
               "whole_steps": {config: {"images_per_s": round(B / seconds, 1), "ms_per_step": round(seconds * 1e3, 3),
                                        "against_plain": round(seconds / plain, 3),
                                        "warmup_seconds": round(warmup[config], 2)}
                               for config, seconds in step.items()}}
-    if parts:
-        overhead = parts["saliency (2 views)"] + parts["mask building + filling"]
-        report["overhead_share_of_plain"] = round(overhead / plain, 4)
-        print(f"  saliency + masks + fill: {100 * overhead / plain:.1f} % of a plain step (target <= 10 %); "
-              f"the method: {step['+ hard negative'] / plain:.2f}x plain (target <= 1.45x)")
+    # The overhead: make_views of the method (saliency, masks, fills, the filter) less make_views
+    # of a plain step (augmentation alone), each as the step runs it (compiled under --compile).
+    views = {config: views_seconds(*setups[config][:2], next(streams[config]), args.repeats, device)
+             for config in ("plain", "+ hard negative")}
+    overhead = views["+ hard negative"] - views["plain"]
+    report["views_ms"] = {config: round(seconds * 1e3, 3) for config, seconds in views.items()}
+    report["overhead_share_of_plain"] = round(overhead / plain, 4)
+    print(f"  views (make_views): plain {views['plain'] * 1e3:.2f} ms, the method "
+          f"{views['+ hard negative'] * 1e3:.2f} ms; saliency + masks + fills: {overhead * 1e3:.2f} ms, "
+          f"{100 * overhead / plain:.1f} % of a plain step (target <= 10 %)")
+    print(f"  the method: {step['+ hard negative'] / plain:.2f}x plain (target <= 1.45x)")
     if args.sync_debug:
         report["host_synchronisations"] = syncs
         print(f"  host synchronisations in {args.repeats * args.steps * len(CONFIGS)} timed steps: {len(syncs)}"
               + "".join(f"\n    {where}" for where in sorted(set(syncs))))
     return report
+
+
+def views_seconds(flags, objects, batch, repeats, device):
+    """Median time of the step's view pipeline (`objects.views_fn`, as train_step calls it) on one batch."""
+    batch = [t.to(device) for t in batch]
+
+    def views():
+        with torch.no_grad():
+            objects.views_fn(flags, batch, objects)
+    return median_seconds(views, repeats, device)
 
 
 @contextlib.contextmanager
@@ -315,11 +334,16 @@ def main(argv=None):
     step.add_argument("--strategy", choices=masking.STRATEGIES, default="hp")
     step.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off")
     step.add_argument("--channels-last", action="store_true")
-    step.add_argument("--compile", action="store_true")
+    step.add_argument("--compile", nargs="?", const="default", default="off", choices=train.COMPILE_MODES,
+                      metavar="MODE", help="as train.py's: the framework and the view pipeline (each part on its "
+                                           "own in the part-by-part split); the optimizer stays eager")
     step.add_argument("--augment", choices=["batched", "torchvision"], default="batched",
                       help="batched: on the device (train.py's default); torchvision: per image in the loader")
-    step.add_argument("--workers", type=int, default=0, help="loader workers (the batched augmentation runs on the device)")
+    step.add_argument("--workers", type=int, default=None,
+                      help="loader workers (default: train.py's; the batched augmentation runs on the device)")
     step.add_argument("--steps", type=int, default=10, help="steps per timed turn")
+    step.add_argument("--no-parts", action="store_true",
+                      help="whole steps only: no part-by-part split (under --compile each part compiles on its own)")
     step.add_argument("--sync-debug", action="store_true",
                       help="a GPU: record the host synchronisations inside the timed steps (torch's sync debug mode)")
     parser.add_argument("--json", metavar="PATH", help="also write what was printed, with device, commit and flags")
@@ -328,7 +352,7 @@ def main(argv=None):
         value = getattr(args, flag)
         if value is not None and value < 1:
             evaluate.fail(f"--{flag.replace('_', '-')} {value}: need at least 1 (see python bench.py --help)")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         evaluate.fail(f"--workers {args.workers}: need at least 0")
     try:
         device = torch.device(args.device)

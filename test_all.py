@@ -424,6 +424,43 @@ def test_masker_is_reproducible_with_a_seeded_generator(device):
     assert a.device.type == device
 
 
+def test_pixel_masks_trace_into_one_graph_with_no_host_sync():
+    """patch_to_pixel_mask once took its patch sizes from bincount, whose output size reads the
+    GPU: a host synchronisation in every step, and a break in a compiled view pipeline."""
+    mask = torch.rand(4, 3, 49) < 0.5
+    explained = torch._dynamo.explain(masking.patch_to_pixel_mask)(mask, 7, 32, 32)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    hp = masking.Masker("hp", 7, dense_noise=True)                    # the GPU's path: no data-dependent shape
+    explained = torch._dynamo.explain(hp.__call__)(torch.randn(4, 3, 32, 32), torch.rand(4, 49) < 0.6, "negative")
+    assert explained.graph_break_count == 0
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])   # compiling takes minutes on 2 CPU cores
+def test_a_compiled_step_computes_what_an_eager_one_does(device, tmp_path):
+    """bench.py's '+ hard negative' configuration on a GPU (so the compiled graphs are cached for it)."""
+    argv = ["--stem", "cifar", "--batch-size", "256", "--device", device, "--channels-last", "--out", str(tmp_path)]
+    runs = {}
+    for mode in ("off", "default"):
+        torch.manual_seed(0)
+        args = train.parse_args(argv + ["--compile", mode])
+        runs[mode] = (args, train.build(args, steps_per_epoch=10))
+    (args, eager), (_, compiled) = runs["off"], runs["default"]
+    x = torch.randn(256, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    with eager.autocast():                                            # the same weights, one function
+        reference = eager.model.encoder_q(x).float()
+        assert torch.allclose(torch.compile(eager.model.encoder_q)(x).float(), reference, rtol=0.05, atol=0.05)
+    loader = torch.utils.data.DataLoader(data.pretrain_dataset("shapes", image_size=32, batched=True,
+                                                               shapes_size=(512, 1)), batch_size=256)
+    losses = {mode: [] for mode in runs}
+    for batch in loader:
+        for mode, (args, parts) in runs.items():
+            loss, figures, (query, key, negatives) = train.train_step(args, batch, parts)
+            losses[mode].append(float(loss))
+            assert 0.1 < float(figures["masked_fraction"]) < 0.6 and negatives.shape == (256, 1, 3, 32, 32)
+    assert all(math.isfinite(v) for v in losses["default"])
+    assert abs(losses["default"][0] - losses["off"][0]) < 0.1 * losses["off"][0]      # other random views, same net
+
+
 @pytest.mark.parametrize("strategy", masking.STRATEGIES)
 def test_masker_shapes_on_odd_sizes(strategy):
     views = torch.randn(4, 3, 36, 52)
@@ -1444,11 +1481,13 @@ def test_supervised_baseline_reports_its_three_figures():
 def test_bench_times_every_part_and_the_three_configurations(capsys, augment):
     args = argparse.Namespace(framework="moco", arch="resnet18", stem="imagenet", image_size=32, batch_size=16,
                               device="cpu", amp="off", saliency="spectral", strategy="hp", augment=augment,
-                              workers=0, channels_last=False, compile=False, repeats=1, steps=1, sync_debug=False)
+                              workers=0, channels_last=False, compile="off", repeats=1, steps=1, sync_debug=False,
+                              no_parts=False)
     report = bench.bench_step(args, torch.device("cpu"))
     steps = report["whole_steps"]
     assert list(steps) == list(bench.CONFIGS) and all(0 < s["ms_per_step"] < 60_000 for s in steps.values())
     assert steps["plain"]["against_plain"] == 1.0 and 0 < report["overhead_share_of_plain"]
+    assert 0 < report["views_ms"]["plain"] < report["views_ms"]["+ hard negative"]   # saliency, masks, fills
     out = capsys.readouterr().out
     for part in ("data", "saliency (2 views)", "mask building + filling", "hard-negative forward", "1.45x", "warm-up"):
         assert part in out

@@ -35,6 +35,7 @@ import models
 import saliency
 
 SMALL = 96          # images up to this size get the CIFAR single-GPU recipe's defaults
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -105,7 +106,9 @@ def parse_args(argv=None):
            "GPUs at batch 128; under torchrun a multiple of the number of processes)")
     a("--amp", choices=["bf16", "fp16", "off"], default=None, help="autocast dtype (default bf16 on cuda, off on cpu)")
     a("--channels-last", action="store_true", help="channels_last memory format")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+      help="torch.compile the model and the view pipeline (saliency, masks, fills); MODE is "
+           "torch.compile's, 'default' when left out, 'off' to turn it off (default: off)")
     a("--workers", type=int, default=None,
       help="data loader workers (default: 0 on a CPU with <= 4 cores, where a worker would take "
            "cores from the model; else min(8, cores / 2))")
@@ -170,6 +173,7 @@ def fill_defaults(args):
         args.augment = "torchvision"                                  # images of any size, read one by one
     default("device", "cuda" if torch.cuda.is_available() else "cpu")
     default("amp", "bf16" if args.device.startswith("cuda") else "off")
+    default("compile", "off")
     cores = os.cpu_count() or 1
     default("workers", 0 if args.device == "cpu" and cores <= 4 else min(8, cores // 2))
     if args.resume == "auto":
@@ -244,12 +248,12 @@ def check_args(p, args):
 def make_views(args, batch, parts):
     """Saliency, masking and hard negatives for one batch (SPEC.md sections 2-3), no grad.
 
-    Returns query [B,3,H,W], key [B,3,H,W], hard negatives [B,M,3,H,W] or None, the keys
+    `batch`: the loader's tensors, on the device. Returns query [B,3,H,W], key [B,3,H,W], hard negatives [B,M,3,H,W] or None, the keys
     when they are already encoded (MoCo with `--saliency self`; else None), and the figures
     to log (foreground ratio, masked fraction) plus what the PNG grid shows.
     """
     augment, sal, masker, model = parts.augment, parts.sal, parts.masker, parts.model
-    view1, view2, mask1, mask2, _ = (t.to(parts.device, non_blocking=True) for t in batch)
+    view1, view2, mask1, mask2, _ = batch                             # on the device
     if augment is not None:                                           # --augment batched: raw uint8 in
         (view1, mask1), (view2, mask2) = augment(view1, mask1 if mask1.numel() else None), \
             augment(view2, mask2 if mask2.numel() else None)
@@ -308,17 +312,30 @@ def build(args, steps_per_epoch):
         decay_steps = max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay_steps) / decay_steps))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True                         # fixed shapes: time the conv algorithms once
+    compiler = compile_with(args.compile)
     return argparse.Namespace(
         device=device, model=model, optimizer=optimizer, total_steps=total_steps,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor),
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
-        step_fn=distributed(torch.compile(model) if args.compile else model, device),
+        step_fn=compiler(distributed(model, device)), views_fn=compiler(make_views),
         autocast=lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
         augment=data.BatchedMoCoV2(args.image_size, tuple(args.crop_scale)) if args.augment == "batched" else None,
         sal=saliency.Saliency(args.saliency, args.grid, weights=args.saliency_weights).to(device),
         masker=masking.Masker(args.strategy, args.grid, high_pass=args.high_pass == "on",
                               positive_ratio=tuple(args.mask_ratio),
                               negative_ratio=tuple(args.hard_negative_ratio)))
+
+
+def compile_with(mode):
+    """`torch.compile` in `mode` (train.py's `--compile`), or nothing for 'off'. The step
+    compiles two pieces: the framework's forward (its backward follows) and `make_views`.
+    The optimizer stays eager. Compiled random draws come from inductor's own generator,
+    seeded from torch's: the same distributions, other numbers than eager."""
+    if mode in (None, "off"):
+        return lambda fn: fn
+    return lambda fn: torch.compile(fn, mode=None if mode == "default" else mode)
 
 
 def distributed(step_fn, device):
@@ -370,8 +387,9 @@ def train_step(args, batch, parts, timer=None):
     Returns the loss (a tensor: no sync), the figures and the views. `timer`: a SplitTimer
     that gets the time of saliency+masking and of the model step."""
     start = timer.mark() if timer else None
+    batch = [t.to(parts.device, non_blocking=True) for t in batch]
     with torch.no_grad():
-        query, key, negatives, keys, figures = make_views(args, batch, parts)
+        query, key, negatives, keys, figures = parts.views_fn(args, batch, parts)
     middle = timer.mark() if timer else None
     if args.channels_last:
         query, key = (x.contiguous(memory_format=torch.channels_last) for x in (query, key))
