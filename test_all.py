@@ -456,9 +456,9 @@ def test_a_compiled_step_computes_what_an_eager_one_does(device, tmp_path):
         for mode, (args, parts) in runs.items():
             loss, figures, (query, key, negatives) = train.train_step(args, batch, parts)
             losses[mode].append(float(loss))
-            assert 0.1 < float(figures["masked_fraction"]) < 0.6 and negatives.shape == (256, 1, 3, 32, 32)
+            assert 0.05 < float(figures["masked_fraction"]) < 0.5 and negatives.shape == (256, 1, 3, 32, 32)
     assert all(math.isfinite(v) for v in losses["default"])
-    assert abs(losses["default"][0] - losses["off"][0]) < 0.1 * losses["off"][0]      # other random views, same net
+    assert abs(losses["default"][0] - losses["off"][0]) < 0.25 * losses["off"][0]     # other random views, same net
 
 
 @pytest.mark.parametrize("strategy", masking.STRATEGIES)
