@@ -364,9 +364,20 @@ class BatchedMoCoV2:
         self.size, self.crop_scale = image_size, crop_scale
         self.blur_kernel = max(3, round(0.1 * image_size) // 2 * 2 + 1)
         self.sigma = (0.1 * image_size / 224, 2.0 * image_size / 224)
+        self._constants = {}
+
+    def constants(self, device):
+        """MEAN, STD `[1, 3, 1, 1]` and the YIQ matrices on `device`, copied there once: a copy
+        from host memory in every step would be a host synchronisation."""
+        if device not in self._constants:
+            self._constants[device] = (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+                                       torch.tensor(STD, device=device).view(1, 3, 1, 1),
+                                       TO_YIQ.float().to(device), torch.linalg.inv(TO_YIQ).float().to(device))
+        return self._constants[device]
 
     def __call__(self, images, masks=None):
         B, device = len(images), images.device
+        mean, std, to_yiq, from_yiq = self.constants(device)
         u = lambda *shape: torch.rand(*shape, device=device)
         x = images.float() / 255
         # Random resized crop + flip as one affine map from output to input coordinates.
@@ -389,12 +400,10 @@ class BatchedMoCoV2:
         y = (x * factor(0.4)).clamp(0, 1)
         y = ((y - gray(y).mean((2, 3), keepdim=True)) * factor(0.4) + gray(y).mean((2, 3), keepdim=True)).clamp(0, 1)
         y = ((y - gray(y)) * factor(0.4) + gray(y)).clamp(0, 1)
-        y = _rotate_hue(y, 2 * math.pi * 0.1 * (2 * u(B) - 1)).clamp(0, 1)
+        y = _rotate_hue(y, 2 * math.pi * 0.1 * (2 * u(B) - 1), to_yiq, from_yiq).clamp(0, 1)
         x = torch.where(jitter, y, x)
         x = torch.where((u(B) < 0.2)[:, None, None, None], gray(x).expand_as(x), x)   # grayscale p 0.2
         x = torch.where((u(B) < 0.5)[:, None, None, None], self._blur(x, u(B)), x)    # blur p 0.5
-        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
         return (x - mean) / std, masks
 
     def _blur(self, x, u):
@@ -415,9 +424,9 @@ TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -
                       dtype=torch.float64)
 
 
-def _rotate_hue(x, angle):
-    """Hue shift by `angle` radians per image: rotate the chroma (I, Q) plane of YIQ."""
-    to_yiq, from_yiq = TO_YIQ.float().to(x.device), torch.linalg.inv(TO_YIQ).float().to(x.device)
+def _rotate_hue(x, angle, to_yiq, from_yiq):
+    """Hue shift by `angle` radians per image: rotate the chroma (I, Q) plane of YIQ
+    (`to_yiq`, `from_yiq`: TO_YIQ and its inverse, on x's device)."""
     cos, sin = torch.cos(angle), torch.sin(angle)
     rotation = torch.zeros(len(x), 3, 3, device=x.device)
     rotation[:, 0, 0] = 1

@@ -850,6 +850,21 @@ def test_batched_augmentation_keeps_masks_aligned_and_draws_per_image():
     assert not torch.equal(views, again)
 
 
+def test_batched_augmentation_copies_its_constants_to_the_device_once(monkeypatch):
+    """A tensor made from host data inside a step is a host synchronisation on a GPU: the
+    augmentation once made its mean, std and colour matrices anew in every call (8 per step)."""
+    augment = data.BatchedMoCoV2(32)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    first, _ = augment(images)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor from host data inside a step")
+    monkeypatch.setattr(torch, "tensor", refuse)
+    monkeypatch.setattr(torch.linalg, "inv", refuse)
+    again, _ = augment(images)
+    assert again.shape == first.shape and torch.isfinite(again).all()
+
+
 @pytest.mark.parametrize("path", ["batched", "torchvision"])
 def test_crop_scale_sets_how_much_of_the_image_a_view_shows(path):
     torch.manual_seed(0)
