@@ -222,7 +222,9 @@ def forward_shuffled(network, images):
     on process 0) and the outputs are gathered, as MoCo's multi-GPU Shuffle-BN does.
     `network` returns a tensor or a tuple of tensors."""
     rank, world = process_group()
-    perm = torch.randperm(len(images), device=images.device)
+    # A uniform random order as the argsort of uniform keys, not randperm: inductor (torch 2.11)
+    # fails to compile its randperm-then-index pattern on a GPU.
+    perm = torch.rand(len(images), device=images.device).argsort()
     if world > 1:
         dist.broadcast(perm, 0)
     out = network(images[perm][rank::world])
