@@ -4,14 +4,21 @@
     python bench.py --amp bf16 --channels-last         # on a GPU: the fast settings
     python bench.py --augment torchvision --workers 8  # per-image augmentation in the loader instead
     python bench.py --part masking                     # masks and fills against a per-image loop
+    python bench.py --part encoder --amp bf16          # the encoder alone: layouts, BatchNorm sub-batches
 
 `step` (the default): MoCo v2 at ResNet-18, 32 px, batch 256, on the current device (the
 CIFAR stem on a GPU, the cheaper ImageNet stem on a CPU). First each part of a step of the
 paper's method alone (data, augmentation, saliency, mask building and filling, query
-forward+backward, key forward, hard-negative forward, optimizer), then whole training steps (`train.train_step`, what train.py runs) for three configurations in
-the same process, in turns: the plain framework, + saliency-balanced masking, + one masked
-hard negative. Images/s are medians over `--repeats` turns, so the ratios hold on a noisy
-machine.
+forward+backward, key forward, hard-negative forward, optimizer; `--no-parts` skips this),
+then whole training steps (`train.train_step`, what train.py runs) for three configurations
+in the same process, in turns: the plain framework, + saliency-balanced masking, + one
+masked hard negative. Images/s are medians over `--repeats` turns, so the ratios hold on a
+noisy machine. The overhead of the method's views is the step's view pipeline
+(`make_views`, compiled under `--compile`) of the method less that of a plain step:
+saliency, masks, fills and the high-pass filter, as a share of a plain step.
+
+`encoder`: the encoder's forward + backward alone, per memory layout, with and without
+BatchNorm sub-batches.
 
 `masking`: the batched masks and fills of masking.py against a straightforward per-image
 loop (a randperm per image, patches filled one at a time), on the same inputs. Medians of
@@ -131,6 +138,40 @@ def bench_masking(args, device):
         print(f"  speed-up, {name + ':':20s} {ratio:6.1f}x")
     return {"ms": {name: round(seconds * 1e3, 3) for name, seconds in rows},
             "speed_up": {name: round(ratio, 2) for name, ratio in speedups.items()}}
+
+
+# ----------------------------------------------------------------------------- the encoder alone
+
+def bench_encoder(args, device):
+    """The model part of a step alone: the encoder's forward + backward and its no-grad forward,
+    for each memory layout with SplitBatchNorm2d (8 sub-batches, train.py's default for small
+    images) and with plain BatchNorm. What the sub-batches cost, and which layout is faster."""
+    B, S = args.batch_size, args.image_size
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+    rows = {}
+    for layout, memory_format in [("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)]:
+        for splits in (8, 1):
+            torch.manual_seed(0)
+            encoder = models.ResNetEncoder(args.arch, cifar_stem=args.stem == "cifar", bn_splits=splits)
+            encoder = encoder.to(device, memory_format=memory_format)
+            x = torch.randn(B, 3, S, S, device=device).contiguous(memory_format=memory_format)
+
+            def forward_backward():
+                with autocast():
+                    encoder(x).float().sum().backward()
+
+            def forward():
+                with torch.no_grad(), autocast():
+                    encoder(x)
+            name = f"{layout}, {'SplitBatchNorm2d (8)' if splits > 1 else 'BatchNorm2d'}"
+            rows[name] = {"forward_backward_ms": round(median_seconds(forward_backward, args.repeats, device) * 1e3, 3),
+                          "forward_ms": round(median_seconds(forward, args.repeats, device) * 1e3, 3)}
+    print(f"encoder: {args.arch} ({args.stem} stem), {S} px, batch {B}, amp {args.amp}; {device} "
+          f"({describe(device)}); medians of {args.repeats}")
+    for name, ms in rows.items():
+        print(f"  {name:38s} forward + backward {ms['forward_backward_ms']:8.2f} ms   forward {ms['forward_ms']:8.2f} ms")
+    return {"encoder_ms": rows}
 
 
 # ----------------------------------------------------------------------------- training step
@@ -317,7 +358,7 @@ def describe(device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["step", "masking"], default="step", help="what to time")
+    parser.add_argument("--part", choices=["step", "masking", "encoder"], default="step", help="what to time")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=None, help="default: 32 (step), 224 (masking)")
@@ -370,7 +411,7 @@ def main(argv=None):
     else:
         args.image_size = args.image_size or 32
         args.stem = args.stem or ("cifar" if device.type == "cuda" else "imagenet")
-        report = bench_step(args, device)
+        report = (bench_step if args.part == "step" else bench_encoder)(args, device)
     if args.json:
         evaluate.write_json(args.json, {"device": describe(device), "commit": evaluate.code_commit(),
                                         "torch": torch.__version__, "configuration": vars(args), **report})

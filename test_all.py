@@ -1509,6 +1509,16 @@ def test_bench_times_every_part_and_the_three_configurations(capsys, augment):
     assert set(report["parts_ms"]) >= {"data (loader, to device)", "saliency (2 views)", "optimizer"}
 
 
+def test_bench_times_the_encoder_per_layout_with_and_without_sub_batches(tmp_path):
+    path = tmp_path / "encoder.json"
+    report = bench.main(["--part", "encoder", "--device", "cpu", "--batch-size", "16", "--repeats", "1",
+                         "--json", str(path)])
+    rows = report["encoder_ms"]
+    assert {name.split(",")[0] for name in rows} == {"contiguous", "channels_last"} and len(rows) == 4
+    assert all(0 < ms["forward_ms"] < ms["forward_backward_ms"] * 2 for ms in rows.values())
+    assert json.loads(path.read_text())["encoder_ms"] == rows
+
+
 def test_bench_json_holds_what_it_printed_with_device_commit_and_flags(tmp_path, capsys):
     path = tmp_path / "bench" / "cpu.json"                              # its folder is made
     bench.main(["--device", "cpu", "--batch-size", "16", "--repeats", "1", "--steps", "1", "--json", str(path)])
