@@ -78,10 +78,14 @@ def patch_scores(saliency, grid):
         saliency = F.interpolate(saliency[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         h, w = size
 
-    def averaging(n):                                                 # [grid, n], rows sum to 1
-        member = F.one_hot(torch.arange(n, device=saliency.device) * grid // n, grid).T.float()
-        return member / member.sum(1, keepdim=True)
-    return (averaging(h) @ saliency @ averaging(w).T).flatten(1)
+    rows, cols = cached(averaging_matrix, h, grid, saliency.device), cached(averaging_matrix, w, grid, saliency.device)
+    return (rows @ saliency @ cols.T).flatten(1)
+
+
+def averaging_matrix(n, grid, device=None):
+    """`[grid, n]`: row i averages the pixels of patch row i (rows sum to 1)."""
+    member = F.one_hot(torch.arange(n, device=device) * grid // n, grid).T.float()
+    return member / member.sum(1, keepdim=True)
 
 
 def foreground_patches(scores, std_factor=0.6):
@@ -154,9 +158,27 @@ def gaussian_blur(images, kernel_size, sigma):
     torchvision's to 1e-6.
     """
     H, W = images.shape[-2:]
-    rows = blur_matrix(H, kernel_size, sigma, device=images.device, dtype=images.dtype)
-    cols = rows if W == H else blur_matrix(W, kernel_size, sigma, device=images.device, dtype=images.dtype)
+    rows = cached(blur_matrix, H, kernel_size, sigma, device=images.device, dtype=images.dtype)
+    cols = rows if W == H else cached(blur_matrix, W, kernel_size, sigma, device=images.device, dtype=images.dtype)
     return rows @ (images @ cols.T)
+
+
+_CACHE = {}
+
+
+def cached(build, *args, **kwargs):
+    """`build(*args, **kwargs)`, kept for the next call with the same arguments. A step blurs and
+    averages views of the same few sizes, and building a matrix is a dozen small kernels: on a
+    GPU at 32 px, launching them costs more than using it. Callers never write to the result.
+    Inside torch.compile the graph builds (and folds) it itself."""
+    if torch.compiler.is_compiling():
+        return build(*args, **kwargs)
+    key = (build, args, tuple(sorted(kwargs.items())))
+    if key not in _CACHE:
+        if len(_CACHE) >= 64:                                         # many sizes: start afresh
+            _CACHE.clear()
+        _CACHE[key] = build(*args, **kwargs)
+    return _CACHE[key]
 
 
 # ----------------------------------------------------------------------------- the four sources

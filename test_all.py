@@ -88,6 +88,18 @@ def test_self_saliency_refuses_a_map_without_spatial_extent():
     assert saliency.Saliency("self", 7)(torch.randn(4, 3, 64, 64), encoder=imagenet_stem).shape == (4, 49)
 
 
+def test_blur_and_averaging_matrices_are_built_once_per_size():
+    """At 32 px on a GPU a step is launch-bound: rebuilding these matrices in every call was
+    about a dozen small kernels each, a sixth of the method's view pipeline."""
+    images, maps = torch.randn(2, 3, 37, 37), torch.rand(2, 37, 37)  # sizes no other test uses first
+    first = saliency.gaussian_blur(images, 5, 1.3), saliency.patch_scores(maps, 7)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        again = saliency.gaussian_blur(images, 5, 1.3), saliency.patch_scores(maps, 7)
+    ops = {event.name for event in prof.events()}
+    assert not ops & {"aten::index_put_", "aten::one_hot", "aten::arange"}, ops
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 def test_patch_scores_average_the_same_patches_as_the_pixel_masks():
     g = torch.Generator().manual_seed(0)
     for grid, (H, W) in [(5, (36, 52)), (7, (224, 224)), (7, (32, 32)), (3, (8, 13))]:
