@@ -39,6 +39,7 @@ import time
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import evaluate
@@ -305,10 +306,22 @@ def bench_step(args, device):
     overhead = views["+ hard negative"] - views["plain"]
     report["views_ms"] = {config: round(seconds * 1e3, 3) for config, seconds in views.items()}
     report["overhead_share_of_plain"] = round(overhead / plain, 4)
+
+    def kernels(config):                                              # a proxy for launches, eager only
+        flags, objects, _ = setups[config]
+        return {"views": kernel_ops(lambda: views_seconds(flags, objects, next(streams[config]), 1, device,
+                                                          warmup=False)),
+                "step": kernel_ops(lambda: train.train_step(flags, next(streams[config]), objects))}
+    if args.compile == "off":
+        report["kernel_ops"] = {config: kernels(config) for config in ("plain", "+ hard negative")}
     print(f"  views (make_views): plain {views['plain'] * 1e3:.2f} ms, the method "
           f"{views['+ hard negative'] * 1e3:.2f} ms; saliency + masks + fills: {overhead * 1e3:.2f} ms, "
           f"{100 * overhead / plain:.1f} % of a plain step (target <= 10 %)")
     print(f"  the method: {step['+ hard negative'] / plain:.2f}x plain (target <= 1.45x)")
+    if "kernel_ops" in report:
+        print("  operators run on the device (about one kernel launch each): "
+              + "; ".join(f"{config}: views {ops['views']}, whole step {ops['step']}"
+                          for config, ops in report["kernel_ops"].items()))
     if args.sync_debug:
         report["host_synchronisations"] = syncs
         print(f"  host synchronisations in {args.repeats * args.steps * len(CONFIGS)} timed steps: {len(syncs)}"
@@ -316,14 +329,31 @@ def bench_step(args, device):
     return report
 
 
-def views_seconds(flags, objects, batch, repeats, device):
+def views_seconds(flags, objects, batch, repeats, device, *, warmup=True):
     """Median time of the step's view pipeline (`objects.views_fn`, as train_step calls it) on one batch."""
     batch = [t.to(device) for t in batch]
 
     def views():
         with torch.no_grad():
             objects.views_fn(flags, batch, objects)
-    return median_seconds(views, repeats, device)
+    return median_seconds(views, repeats, device, warmup=warmup)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operators that reach the device's kernels, views excluded, backward included."""
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def kernel_ops(fn):
+    """How many operators `fn()` runs on its tensors' device (no views): a count of kernel
+    launches, near enough. At 32 px on a GPU a step waits for its launches, so fewer is faster."""
+    with OpCounter() as counter:
+        fn()
+    return counter.count
 
 
 @contextlib.contextmanager
