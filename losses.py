@@ -7,14 +7,15 @@ each function can be copied on its own.
 
 Embeddings are L2-normalised inside. Hard-negative logits are `alpha * q . t_m / tau`,
 appended after the ordinary negatives; `alpha > 1` up-weights them. Logits are computed in
-float32, so the losses are safe under bf16/fp16 autocast.
+float32 at least, so the losses are safe under bf16/fp16 autocast.
 """
 import torch
 import torch.nn.functional as F
 
 
 def l2norm(x):
-    return F.normalize(x.float(), dim=-1)
+    """Unit rows, in float32 at least: half precision is raised, float64 kept."""
+    return F.normalize(x if x.dtype == torch.float64 else x.float(), dim=-1)
 
 
 def hard_negative_logits(anchors, hard_negatives, alpha):
