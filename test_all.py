@@ -1148,6 +1148,13 @@ def test_byol_training_follows_the_cosine_momentum(tmp_path):
     assert momenta[0] == args.moco_momentum < momenta[1] < momenta[2] < 1
 
 
+def test_compile_is_off_by_default_and_a_bare_flag_means_torch_compiles_default(tmp_path):
+    parse = lambda *argv: train.parse_args([*argv, "--out", str(tmp_path / "out")]).compile
+    assert (parse(), parse("--compile"), parse("--compile", "max-autotune"), parse("--compile", "off")) == \
+        ("off", "default", "max-autotune", "off")
+    assert parse("--compile", "--seed", "1") == "default"                  # the next flag is not its value
+
+
 def test_bn_splits_default_to_32_images_each_for_the_paper_recipe(tmp_path):
     parse = lambda *argv: train.parse_args([*argv, "--framework", "simclr", "--device", "cpu",
                                             "--out", str(tmp_path / "out")])
@@ -1203,6 +1210,7 @@ def test_bn_splits_default_divides_over_torchrun_processes(tmp_path, monkeypatch
     (["--subset", "-5"], "--subset -5"),
     (["--shapes-size", "0", "10"], "--shapes-size 0 10"),
     (["--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"),
+    (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
     # runs that could do nothing
     (["--shapes-size", "16", "8", "--batch-size", "32", "--bn-splits", "2", "--queue-size", "64"], "larger than the 16"),
     (["--shapes-size", "64", "8", "--subset", "8", "--batch-size", "32", "--bn-splits", "2", "--queue-size", "64"],

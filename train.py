@@ -248,9 +248,10 @@ def check_args(p, args):
 def make_views(args, batch, parts):
     """Saliency, masking and hard negatives for one batch (SPEC.md sections 2-3), no grad.
 
-    `batch`: the loader's tensors, on the device. Returns query [B,3,H,W], key [B,3,H,W], hard negatives [B,M,3,H,W] or None, the keys
-    when they are already encoded (MoCo with `--saliency self`; else None), and the figures
-    to log (foreground ratio, masked fraction) plus what the PNG grid shows.
+    `batch`: the loader's tensors, on the device. Returns query [B,3,H,W], key [B,3,H,W], hard
+    negatives [B,M,3,H,W] or None, the keys when they are already encoded (MoCo with
+    `--saliency self`; else None), and the figures to log (foreground ratio, masked fraction)
+    plus what the PNG grid shows.
     """
     augment, sal, masker, model = parts.augment, parts.sal, parts.masker, parts.model
     view1, view2, mask1, mask2, _ = batch                             # on the device
