@@ -290,15 +290,16 @@ def bench_step(args, device):
                 times[config].append(median_seconds(lambda: steps(config), 1, device, warmup=False) / args.steps)
     step = {config: statistics.median(t) for config, t in times.items()}
     plain = step["plain"]
-    print(f"whole steps ({args.steps} per turn), images/s:")
-    for config, seconds in step.items():
-        print(f"  {config:34s} {B / seconds:9.0f} img/s  {seconds * 1e3:8.1f} ms/step  {seconds / plain:5.2f}x plain"
-              f"  (warm-up{'' if args.compile == 'off' else ' + compile'}: {warmup[config]:.1f} s)")
     report = {"parts_ms": {name: round(seconds * 1e3, 3) for name, seconds in parts.items()},
               "whole_steps": {config: {"images_per_s": round(B / seconds, 1), "ms_per_step": round(seconds * 1e3, 3),
                                        "against_plain": round(seconds / plain, 3),
                                        "warmup_seconds": round(warmup[config], 2)}
                               for config, seconds in step.items()}}
+    print(f"whole steps ({args.steps} per turn), images/s:")                # printed as written: rounded once
+    for config, figures in report["whole_steps"].items():
+        print(f"  {config:34s} {figures['images_per_s']:9.0f} img/s  {figures['ms_per_step']:8.1f} ms/step  "
+              f"{figures['against_plain']:5.2f}x plain  (warm-up{'' if args.compile == 'off' else ' + compile'}: "
+              f"{figures['warmup_seconds']:.1f} s)")
     # The overhead: make_views of the method (saliency, masks, fills, the filter) less make_views
     # of a plain step (augmentation alone), each as the step runs it (compiled under --compile).
     views = {config: views_seconds(*setups[config][:2], next(streams[config]), args.repeats, device)
@@ -307,11 +308,12 @@ def bench_step(args, device):
     report["views_ms"] = {config: round(seconds * 1e3, 3) for config, seconds in views.items()}
     report["overhead_share_of_plain"] = round(overhead / plain, 4)
 
-    def kernels(config):                                              # a proxy for launches, eager only
+    def kernels(config):                                  # a proxy for launches, eager only; no loading
         flags, objects, _ = setups[config]
-        return {"views": kernel_ops(lambda: views_seconds(flags, objects, next(streams[config]), 1, device,
-                                                          warmup=False)),
-                "step": kernel_ops(lambda: train.train_step(flags, next(streams[config]), objects))}
+        batch = [t.to(device) for t in next(streams[config])]
+        with torch.no_grad():
+            views = kernel_ops(lambda: objects.views_fn(flags, batch, objects))
+        return {"views": views, "step": kernel_ops(lambda: train.train_step(flags, batch, objects))}
     if args.compile == "off":
         report["kernel_ops"] = {config: kernels(config) for config in ("plain", "+ hard negative")}
     print(f"  views (make_views): plain {views['plain'] * 1e3:.2f} ms, the method "
@@ -329,14 +331,14 @@ def bench_step(args, device):
     return report
 
 
-def views_seconds(flags, objects, batch, repeats, device, *, warmup=True):
+def views_seconds(flags, objects, batch, repeats, device):
     """Median time of the step's view pipeline (`objects.views_fn`, as train_step calls it) on one batch."""
     batch = [t.to(device) for t in batch]
 
     def views():
         with torch.no_grad():
             objects.views_fn(flags, batch, objects)
-    return median_seconds(views, repeats, device, warmup=warmup)
+    return median_seconds(views, repeats, device)
 
 
 class OpCounter(TorchDispatchMode):

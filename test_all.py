@@ -1532,8 +1532,8 @@ def test_bench_times_every_part_and_the_three_configurations(capsys, augment):
     assert list(steps) == list(bench.CONFIGS) and all(0 < s["ms_per_step"] < 60_000 for s in steps.values())
     assert steps["plain"]["against_plain"] == 1.0 and 0 < report["overhead_share_of_plain"]
     assert 0 < report["views_ms"]["plain"] < report["views_ms"]["+ hard negative"]   # saliency, masks, fills
-    ops = report["kernel_ops"]
-    assert 0 < ops["plain"]["views"] < ops["+ hard negative"]["views"] < ops["+ hard negative"]["step"]
+    ops = report["kernel_ops"]                             # torchvision: plain views are the loader's, 0 here
+    assert 0 <= ops["plain"]["views"] < ops["+ hard negative"]["views"] < ops["+ hard negative"]["step"]
     out = capsys.readouterr().out
     for part in ("data", "saliency (2 views)", "mask building + filling", "hard-negative forward", "1.45x", "warm-up"):
         assert part in out
