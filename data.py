@@ -291,12 +291,24 @@ def load_flowers102(data_dir, train, download=False):
     return FlowerImages(folder, ids.tolist(), torch.from_numpy(labels[ids - 1])), torch.from_numpy(labels[ids - 1])
 
 
-def load_split(name, data_dir, train, *, image_size=64, download=False, shapes_size=(20000, 5000)):
-    """Raw data of one split: `(images uint8 [n,3,H,W] or an ImageFolder, masks or None, labels)`.
-    For pre-training on stl10, `train` takes the unlabeled and train splits together."""
+SPLITS = ("train", "val", "test")
+SHAPES_SEEDS = {"train": 0, "test": 1, "val": 2}   # three independent draws: disjoint splits
+
+
+def load_split(name, data_dir, split, *, image_size=64, download=False, shapes_size=(20000, 5000)):
+    """Raw data of one split (`train`, `val` or `test`): `(images uint8 [n,3,H,W] or an
+    ImageFolder, masks or None, labels)`. Only `shapes` has a validation split (drawn like the
+    others, as many images as the test split): monitoring and tuning read it, reported
+    results the test split. For pre-training on stl10, `train` takes the unlabeled and train
+    splits together."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split == "val" and name != "shapes":
+        raise DataError(f"{name} has no validation split here (only shapes has one): evaluate on the test split, "
+                        f"or hold out part of the training images yourself")
+    train = split == "train"
     if name == "shapes":
-        images, masks, labels = make_shapes(shapes_size[0 if train else 1], image_size, seed=0 if train else 1)
-        return images, masks, labels
+        return make_shapes(shapes_size[0 if train else 1], image_size, seed=SHAPES_SEEDS[split])
     if name in ("cifar10", "cifar100"):
         images, labels = load_cifar(data_dir, name, train, download)
         return images, None, labels
@@ -499,7 +511,7 @@ def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, ba
                      crop_scale=CROP_SCALE, **kwargs):
     """Two views per image (TwoViews), or with `batched` the raw images (Raw) for
     BatchedMoCoV2. `batched` needs same-size tensor images: not imagefolder."""
-    images, masks, labels = load_split(name, data_dir, True, image_size=image_size, download=download, **kwargs)
+    images, masks, labels = load_split(name, data_dir, "train", image_size=image_size, download=download, **kwargs)
     if name == "stl10":                                               # pre-train on unlabeled + train
         unlabeled, no_labels = load_stl10(data_dir, "unlabeled")
         images, labels = torch.cat([unlabeled, images]), torch.cat([no_labels, labels])
@@ -511,9 +523,9 @@ def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, ba
     return TwoViews(images, masks, labels, image_size, crop_scale)
 
 
-def eval_datasets(name, data_dir="data", image_size=64, *, transforms=(None, None), **kwargs):
+def eval_datasets(name, data_dir="data", image_size=64, *, split="test", transforms=(None, None), **kwargs):
     """`(train, test)` evaluation datasets: the labelled train split (kNN memory, probe
-    training) and the test split; `transforms` (train, test), default the centre view.
-    Any dataset of DATASETS or TRANSFER."""
-    splits = [load_split(name, data_dir, train, image_size=image_size, **kwargs) for train in (True, False)]
+    training) and the `split` one (`test`, or `val` for monitoring and tuning on shapes);
+    `transforms` (train, test), default the centre view. Any dataset of DATASETS or TRANSFER."""
+    splits = [load_split(name, data_dir, which, image_size=image_size, **kwargs) for which in ("train", split)]
     return tuple(Plain(*split, image_size, transform) for split, transform in zip(splits, transforms))

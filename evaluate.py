@@ -294,6 +294,9 @@ def main(argv=None):
                         help="linear probe: fast (cached centre-view features, standardised) or paper "
                              "(augmented images through the frozen backbone each epoch, as main_lincls.py)")
     parser.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs (SPEC: 100)")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="what kNN and the probe are tested on: test (reported results) or val (shapes "
+                             "only: monitoring and tuning, so that the test split is read once)")
     parser.add_argument("--knn-k", type=int, default=200)
     parser.add_argument("--saliency-weights", default=None, help="ResNet-50 state_dict for the pretrained source")
     args = parser.parse_args(argv)
@@ -341,19 +344,19 @@ def main(argv=None):
     start = time.time()
     try:
         train_set, test_set = data.eval_datasets(dataset, data_dir, image_size, download=args.download,
-                                                 shapes_size=tuple(train_args.shapes_size))
+                                                 split=args.split, shapes_size=tuple(train_args.shapes_size))
         train_features, train_labels = extract_features(encoder, loader(train_set), device, transform=transform)
         test_features, test_labels = extract_features(encoder, loader(test_set), device, transform=transform)
         labelled = train_labels >= 0
         results = {"checkpoint": args.checkpoint, "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
-                   "dataset": dataset, "image_size": image_size, "protocol": args.protocol,
+                   "dataset": dataset, "split": args.split, "image_size": image_size, "protocol": args.protocol,
                    "knn_top1": round(knn_accuracy(train_features[labelled], train_labels[labelled], test_features,
                                                   test_labels, k=args.knn_k), 2)}
         if args.protocol == "fast":
             results["linear_top1"] = round(linear_probe(train_features[labelled], train_labels[labelled],
                                                         test_features, test_labels, epochs=args.probe_epochs), 2)
         else:
-            augmented, centred = data.eval_datasets(dataset, data_dir, image_size, shapes_size=tuple(
+            augmented, centred = data.eval_datasets(dataset, data_dir, image_size, split=args.split, shapes_size=tuple(
                 train_args.shapes_size), transforms=data.linear_eval_transforms(image_size))
             results["linear_top1"] = round(linear_probe_paper(
                 encoder, loader(augmented, shuffle=True), loader(centred), device, int(train_labels.max()) + 1,
@@ -380,8 +383,8 @@ def main(argv=None):
                                                        transform=transform)
     results["seconds"] = round(time.time() - start, 1)
     print(json.dumps(results, indent=2))
-    name = "eval.json" if dataset == train_args.dataset and args.protocol == "fast" else \
-        f"eval-{dataset}-{args.protocol}.json"
+    name = "eval.json" if dataset == train_args.dataset and args.protocol == "fast" and args.split == "test" else \
+        f"eval-{dataset}-{args.protocol}{'-val' * (args.split == 'val')}.json"
     write_json(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name), results)
     return results
 

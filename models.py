@@ -20,6 +20,7 @@ Depends on torch, torchvision and losses.py.
 """
 import contextlib
 import copy
+import functools
 import math
 from collections import OrderedDict
 
@@ -123,7 +124,7 @@ class ResNetEncoder(nn.Module):
             net.maxpool = nn.Identity()
         names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
         self.trunk = nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names))
-        self.out_dim = net.fc.in_features
+        self.out_dim, self.bn_splits = net.fc.in_features, bn_splits
         convert_split_bn(self, bn_splits)
 
     def feature_map(self, x):
@@ -184,14 +185,18 @@ def process_group():
 
 def gather_batch(x, *, grad=False):
     """Every process's local batch `[b, ...]` as the global batch `[W b, ...]`, in global order.
-    `grad`: the gradient flows into this process's own part (SimCLR's negatives)."""
+    `grad`: the gradient flows into this process's own part, multiplied by W. Then every process
+    computes the global loss from the gathered batch (SimCLR's and BYOL's heads and losses):
+    the parameters after the gather get the whole gradient in each process, those before it
+    W times their process's share, and DDP's mean over the processes gives one process's
+    gradient for both."""
     rank, world = process_group()
     if world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.detach().contiguous())
     if grad:
-        parts[rank] = x
+        parts[rank] = scale_gradient(x, world)
     return torch.stack(parts, 1).flatten(0, 1)
 
 
@@ -242,23 +247,51 @@ def scale_gradient(x, factor):
 PAIRINGS = ("own", "release")
 
 
-def pair_hard_negatives(t, pairing):
-    """Which hard negatives each query meets. `t: [B, M, D]`, row b made from image b's key.
-
-    `own` (the paper's text): query b meets its own image's hard negatives, `t` as it is.
-    `release` (what the released code computes, SPEC.md section 4): every query meets the
-    hard negatives of the batch's first image, `t[0]` broadcast to `[B, M, D]`. The release
-    does this per GPU, so on G GPUs a global batch has G distinct hard negatives; here the
-    whole batch on one device has one. `t` is still encoded for the whole batch in one pass,
-    so BatchNorm never runs on a single image.
-    """
-    return t if check_pairing(pairing) == "own" else t[:1].expand_as(t)
-
-
 def check_pairing(pairing):
     if pairing not in PAIRINGS:
         raise ValueError(f"unknown hard-negative pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
     return pairing
+
+
+@contextlib.contextmanager
+def single_image_batch_norm(*modules):
+    """Inside, every BatchNorm2d of `modules` normalises each image over its own positions, as
+    train-mode BatchNorm does on a GPU handed a batch of ONE image (the release's hard-negative
+    pass, SPEC.md section 4), and leaves the running statistics alone. A batch of one image in
+    BatchNorm is instance normalisation with BatchNorm's weights, so the whole batch goes in one
+    pass. It needs more than one position per channel: a 1x1 map is refused by torch."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def per_image(layer, x):
+        return F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps)
+    for layer in layers:
+        layer.forward = functools.partial(per_image, layer)          # an instance attribute hides the class's
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def release_hard_negatives(network, hard_negatives, groups, *modules):
+    """The hard negatives as the released code computes them (SPEC.md section 4), for this
+    process's images. Each of the `groups` BatchNorm sub-batches stands for one of the
+    release's GPUs (sub-batch g holds images g, g + groups, ...). The m-th hard negative of a
+    GPU is image m of its batch, embedded by `network` as a batch of one image (BatchNorm of
+    `modules` over that image alone), and every query of that GPU meets it. The release's
+    shuffle of these single images across GPUs changes no value, so it is left out.
+    `hard_negatives: [b, M, 3, H, W]` (image m's m-th: the release makes one per image) ->
+    `[b, M, D]`, row i holding the hard negatives of image i's sub-batch."""
+    b, M = hard_negatives.shape[:2]
+    if M * groups > b:
+        raise ValueError(f"the release's pairing takes hard negative m from image m of each of the {groups} "
+                         f"BatchNorm sub-batches: {M} hard negatives need {M * groups} images, the batch has {b}")
+    device = hard_negatives.device
+    image_m_of_group = torch.arange(groups, device=device)[:, None] + groups * torch.arange(M, device=device)
+    chosen = hard_negatives[image_m_of_group, torch.arange(M, device=device)]   # [G, M, 3, H, W]
+    with single_image_batch_norm(*modules):
+        t = network(chosen.flatten(0, 1)).view(groups, M, -1)                    # [G, M, D]
+    return t[torch.arange(b, device=device) % groups]                            # each query its group's: [b, M, D]
 
 
 class MoCo(nn.Module):
@@ -268,6 +301,9 @@ class MoCo(nn.Module):
 
     def __init__(self, encoder, *, dim=128, queue_size=65536, momentum=0.999,
                  temperature=0.2, alpha=2.0, hard_negative_pairing="own"):
+        """`hard_negative_pairing`: `own`, query b meets its own image's hard negatives (the
+        paper's text, the default); `release`, what the released code computes
+        (`release_hard_negatives`)."""
         super().__init__()
         self.encoder_q = encoder
         self.head_q = mlp(encoder.out_dim, encoder.out_dim, dim)
@@ -315,17 +351,26 @@ class MoCo(nn.Module):
         k, feature_map = forward_shuffled(keys_and_maps, gather_batch(key))
         return local_part(k), local_part(feature_map)
 
+    @torch.no_grad()
+    def encode_hard_negatives(self, hard_negatives):
+        """`[B, M, 3, H, W] -> [B, M, D]`: the key encoder's embedding of the hard negatives that
+        each query of this process meets. `own`: its image's, embedded in one shuffled pass over
+        the global batch (as the keys are). Either way the pass leaves BatchNorm's running
+        statistics alone: one update per step, the key's."""
+        if self.pairing == "release":
+            return release_hard_negatives(self.key_network, hard_negatives, self.encoder_k.bn_splits,
+                                          self.encoder_k, self.head_k)
+        everyone = gather_batch(hard_negatives)                         # the global batch's
+        with batch_stats_only(self.encoder_k, self.head_k):
+            t = forward_shuffled(self.key_network, everyone.flatten(0, 1))
+        return local_part(t.view(*everyone.shape[:2], -1))
+
     def forward(self, query, key, hard_negatives=None, *, keys=None):
         """`keys`: what `encode_keys(key)` returned this step (then `key` is not used again)."""
         q = l2norm(self.head_q(self.encoder_q(query)))                   # queries: [B, D]
         with torch.no_grad():
             k = (keys if keys is not None else self.encode_keys(key))[0]   # keys: [B, D]
-            t = None
-            if hard_negatives is not None:                               # hard negatives: [B, M, D]
-                everyone = gather_batch(hard_negatives)                  # the global batch's
-                with batch_stats_only(self.encoder_k, self.head_k):      # one BN update per step: the key's
-                    t = forward_shuffled(self.key_network, everyone.flatten(0, 1))
-                t = local_part(pair_hard_negatives(t.view(len(everyone), -1, q.shape[1]), self.pairing))
+            t = None if hard_negatives is None else self.encode_hard_negatives(hard_negatives)   # [B, M, D]
         # info_nce normalises the queue into a new tensor, so enqueuing in place is safe.
         loss = info_nce(q, k, self.queue, t, self.temperature, self.alpha)
         self.enqueue(gather_batch(k))                                    # never the hard negatives
@@ -338,14 +383,17 @@ class MoCo(nn.Module):
 class SimCLR(nn.Module):
     """SimCLR: one encoder + MLP head, NT-Xent over the 2B views; hard negatives are embedded
     by the same network without gradient (with batch statistics that leave the running ones
-    alone) and appended to each anchor's row."""
+    alone) and appended to each anchor's row, each query meeting its own image's.
 
-    def __init__(self, encoder, *, dim=128, temperature=0.2, alpha=2.0, hard_negative_pairing="own"):
+    The head's BatchNorm normalises over the global batch: under torchrun every process runs
+    the head and the loss on every process's features (its gradient reaching its own, see
+    `gather_batch`), so W processes compute what one does."""
+
+    def __init__(self, encoder, *, dim=128, temperature=0.2, alpha=2.0):
         super().__init__()
         self.encoder = encoder
         self.head = mlp(encoder.out_dim, encoder.out_dim, dim, batch_norm=True)
         self.temperature, self.alpha = temperature, alpha
-        self.pairing = check_pairing(hard_negative_pairing)
 
     @property
     def backbone(self):
@@ -355,22 +403,25 @@ class SimCLR(nn.Module):
     def saliency_encoder(self):
         return self.encoder
 
+    @torch.no_grad()
+    def encode_hard_negatives(self, hard_negatives):
+        """`[b, M, 3, H, W]` (this process's) `-> [B, M, D]` (the global batch's). Hard negative
+        m of image i goes in position m b + i, so each BatchNorm sub-batch holds the hard
+        negatives of the images of one query sub-batch, for one process or W."""
+        b, M = hard_negatives.shape[:2]
+        with batch_stats_only(self.encoder, self.head):
+            features = self.encoder(hard_negatives.transpose(0, 1).flatten(0, 1))   # [M b, C]
+            features = gather_batch(features.view(M, b, -1).transpose(0, 1))        # [B, M, C]
+            return self.head(features.flatten(0, 1)).view(len(features), M, -1)     # [B, M, D]
+
     def forward(self, query, key, hard_negatives=None):
-        B = len(query)
-        z1, z2 = self.head(self.encoder(torch.cat([query, key]))).chunk(2)   # [B, D] each
-        t = None
-        if hard_negatives is not None:
-            with torch.no_grad(), batch_stats_only(self.encoder, self.head):
-                t = self.head(self.encoder(hard_negatives.flatten(0, 1)))
-            t = pair_hard_negatives(gather_batch(t.view(B, -1, z1.shape[1])), self.pairing)
-        # Under torchrun every process computes the loss over the global batch, its gradient
-        # reaching only its own embeddings; DDP averages gradients, so scaling by the number
-        # of processes gives the gradient of one process with the whole batch.
-        loss = nt_xent(gather_batch(z1, grad=True), gather_batch(z2, grad=True), self.temperature, t, self.alpha)
-        loss = scale_gradient(loss, process_group()[1])
+        f1, f2 = self.encoder(torch.cat([query, key])).chunk(2)                      # [b, C] each
+        z1, z2 = self.head(torch.cat([gather_batch(f1, grad=True), gather_batch(f2, grad=True)])).chunk(2)  # [B, D]
+        t = None if hard_negatives is None else self.encode_hard_negatives(hard_negatives)       # [B, M, D]
+        loss = nt_xent(z1, z2, self.temperature, t, self.alpha)
         figures = {"positive_sim": (l2norm(z1) * l2norm(z2)).sum(1).mean().detach()}
         if t is not None:
-            figures["hard_negative_sim"] = torch.einsum("bd,bmd->bm", l2norm(z2), l2norm(local_part(t))).mean().detach()
+            figures["hard_negative_sim"] = torch.einsum("bd,bmd->bm", l2norm(z2), l2norm(t)).mean().detach()
         return loss, figures
 
 
@@ -379,7 +430,8 @@ class BYOL(nn.Module):
 
     Symmetric loss. The query (masked) view goes to the online network against the target's
     key; in the swapped term the online network sees the key and the target the query.
-    BYOL has no negatives, so hard negatives are an error.
+    BYOL has no negatives, so hard negatives are an error. The projectors' and the
+    predictor's BatchNorm normalise over the global batch, as SimCLR's head does.
 
     `momentum` is the target's momentum for the next step. BYOL raises it from its base
     value to 1 by a cosine over training: train.py sets it each step with `cosine_momentum`.
@@ -406,11 +458,12 @@ class BYOL(nn.Module):
             raise ValueError("BYOL has no negatives, so it cannot use hard negatives: "
                              "use --num-hard-negatives 0 with --framework byol")
         views = torch.cat([query, key])
-        p1, p2 = self.predictor(self.projector(self.encoder(views))).chunk(2)
+        everyone = lambda f, grad=False: torch.cat([gather_batch(x, grad=grad) for x in f.chunk(2)])  # [2B, C]
+        p1, p2 = self.predictor(self.projector(everyone(self.encoder(views), grad=True))).chunk(2)
         with torch.no_grad():
             momentum_update(self.target_encoder, self.encoder, self.momentum)
             momentum_update(self.target_projector, self.projector, self.momentum)
-            z1, z2 = self.target_projector(self.target_encoder(views)).chunk(2)
+            z1, z2 = self.target_projector(everyone(self.target_encoder(views))).chunk(2)
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
         return loss, {"positive_sim": (l2norm(p1) * l2norm(z2)).sum(1).mean().detach()}
 
@@ -427,5 +480,5 @@ def build_model(args):
         return MoCo(encoder, queue_size=args.queue_size, momentum=args.moco_momentum,
                     temperature=args.temperature, alpha=args.alpha, hard_negative_pairing=pairing)
     if args.framework == "simclr":
-        return SimCLR(encoder, temperature=args.temperature, alpha=args.alpha, hard_negative_pairing=pairing)
+        return SimCLR(encoder, temperature=args.temperature, alpha=args.alpha)
     return BYOL(encoder, momentum=args.moco_momentum)

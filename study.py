@@ -4,6 +4,7 @@
     python study.py --rows 1 9 --seeds 0 1 2         # some rows, some seeds
     python study.py --jobs 8 --device cuda           # a GPU: several runs at a time
     python study.py --table                          # the README's table, from the results file
+    python study.py --rows 9 10 --seeds 0 1 --split val --results results/defaults-val.json   # tuning: validation
     python study.py --mechanism                      # how much of the object a query's mask hides
     python study.py --figure results/views.png       # the README's picture of the views
 
@@ -49,7 +50,11 @@ ROWS = [
     # Do hard negatives help? Alpha 1 (the shapes default), 2 (the paper's), the release's pairing.
     ("moco", "the method: + hard negative, alpha 1, hp", []),
     ("moco", "the method, alpha 2 (the paper's)", ["--alpha", "2"]),
-    ("moco", "the method, alpha 2, the release's pairing", ["--alpha", "2", "--hard-negative-pairing", "release"]),
+    # The release's pairing embeds each hard negative as a batch of one image, whose BatchNorm
+    # needs a 2x2 map or more: 48 px (ImageNet stem) is the smallest size where it runs; row 20
+    # is its twin with the paper's pairing, so that the two differ in nothing else.
+    ("moco", "the method, alpha 2, the release's pairing, 48 px", ["--alpha", "2", "--hard-negative-pairing",
+                                                                   "release", "--image-size", "48"]),
     # Fills.
     ("moco", "the method, blur", ["--strategy", "blur"]),
     ("moco", "the method, mean", ["--strategy", "mean"]),
@@ -60,6 +65,7 @@ ROWS = [
     ("byol", "BYOL", ["--masking", "none"]),
     ("byol", "+ random masking, hp", ["--masking", "random"]),
     ("byol", "+ balanced masking (spectral), hp", []),
+    ("moco", "the method, alpha 2, own pairing, 48 px (row 11's twin)", ["--alpha", "2", "--image-size", "48"]),
 ]
 SEEDS = {"moco": [0, 1, 2], "simclr": [0, 1], "byol": [0, 1]}
 # Resolved flags that say where and how a run ran, not what it is.
@@ -92,17 +98,19 @@ def run_one(row, seed, args, lock):
         train_argv += ["--resume", os.path.join(out, "last.pt")]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     os.makedirs(args.out, exist_ok=True)
+    evaluate_argv = ["evaluate.py", "--checkpoint", os.path.join(out, "last.pt"), "--split", args.split]
     with open(out + ".log", "a") as log:
-        for argv in (["train.py", *train_argv], ["evaluate.py", "--checkpoint", os.path.join(out, "last.pt")]):
+        for argv in (["train.py", *train_argv], evaluate_argv):
             if subprocess.run([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
                 return f"row {row} seed {seed}: {argv[0]} failed, see {out}.log"
     with open(os.path.join(out, "args.json")) as f:
         resolved = json.load(f)
-    with open(os.path.join(out, "eval.json")) as f:
+    with open(os.path.join(out, "eval.json" if args.split == "test" else "eval-shapes-fast-val.json")) as f:
         evaluation = json.load(f)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         final = [r for r in map(json.loads, f) if r.get("final")][-1]
     record = {"row": row, "framework": framework, "name": name, "commit": evaluate.code_commit(), "args": resolved,
+              "split": args.split,
               "knn_top1": evaluation["knn_top1"], "linear_top1": evaluation["linear_top1"],
               "knn_top1_random_init": final["knn_top1_random_init"], "steps": final["step"],
               "train_minutes": final["minutes"], "saliency_quality": evaluation.get("saliency_quality")}
@@ -134,26 +142,33 @@ def spread(values):
     return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def runs_of_row(results, row, train_args):
-    """The records trained with the row's flags as train.py resolves them today, any seed."""
+def split_of(record):
+    """The split a record's figures were read on (records from before validation existed: test)."""
+    return record.get("split", "test")
+
+
+def runs_of_row(results, row, train_args, split="test"):
+    """The records trained with the row's flags as train.py resolves them today, any seed,
+    evaluated on `split`."""
     wanted = identity(resolve(row, 0, train_args), with_seed=False)
-    return [r for r in results if "args" in r and identity(r["args"], with_seed=False) == wanted]
+    return [r for r in results if "args" in r and identity(r["args"], with_seed=False) == wanted
+            and split_of(r) == split]
 
 
-def table(results, train_args=()):
-    """Markdown: a line per row with runs, mean ± standard deviation over its seeds."""
+def table(results, train_args=(), split="test"):
+    """Markdown: a line per row with runs on `split`, mean ± standard deviation over its seeds."""
     lines = ["| # | framework | variant | kNN top-1 (%) | linear top-1 (%) | kNN over random init (points) | seeds |",
              "|---|---|---|---|---|---|---|"]
     commits = set()
     for row, (framework, name, _) in enumerate(ROWS, 1):
-        runs = runs_of_row(results, row, train_args)
+        runs = runs_of_row(results, row, train_args, split)
         if runs:
             commits |= {r["commit"] for r in runs}
             lines.append(f"| {row} | {framework} | {name} | {spread([r['knn_top1'] for r in runs])} | "
                          f"{spread([r['linear_top1'] for r in runs])} | "
                          f"{spread([r['knn_top1'] - r['knn_top1_random_init'] for r in runs])} | "
                          f"{', '.join(str(r['args']['seed']) for r in sorted(runs, key=lambda r: r['args']['seed']))} |")
-    return "\n".join(lines + ["", f"Commits: {', '.join(sorted(commits)) or 'none'}."])
+    return "\n".join(lines + ["", f"{split} split. Commits: {', '.join(sorted(commits)) or 'none'}."])
 
 
 @torch.no_grad()
@@ -213,6 +228,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
     parser.add_argument("--out", default="runs/study", help="run folders")
     parser.add_argument("--results", default="results/study.json")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="what the runs are evaluated on: test (reported results) or val (tuning defaults)")
     parser.add_argument("--table", action="store_true", help="only print the table of --results")
     parser.add_argument("--mechanism", action="store_true",
                         help="only measure how much of the object a query mask hides (no training)")
@@ -229,15 +246,15 @@ def main(argv=None):
         return figure(args.figure, args.train_args)
     results = load(args.results)
     if args.table:
-        return print(table(results, args.train_args))
-    done = {identity(r["args"]) for r in results if "args" in r}
+        return print(table(results, args.train_args, args.split))
+    done = {identity(r["args"]) for r in results if "args" in r and split_of(r) == args.split}
     todo = [(row, seed) for row in args.rows for seed in (args.seeds or SEEDS[ROWS[row - 1][0]])
             if identity(resolve(row, seed, args.train_args)) not in done]
     print(f"{len(todo)} runs to do, {len(results)} in {args.results}; {args.jobs} at a time", flush=True)
     lock = threading.Lock()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         failures = [f for f in pool.map(lambda job: run_one(*job, args, lock), todo) if f]
-    print(table(load(args.results), args.train_args))
+    print(table(load(args.results), args.train_args, args.split))
     if failures:
         print(f"{len(failures)} of {len(todo)} runs failed:", *failures, sep="\n", file=sys.stderr)
         sys.exit(1)

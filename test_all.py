@@ -748,29 +748,119 @@ def test_hard_negative_passes_leave_every_running_statistic_as_it_was(name):
         [k for k in after[0] if not torch.equal(after[0][k], after[1][k])][:3]
 
 
-@pytest.mark.parametrize("name", ["moco", "simclr"])
-def test_release_pairing_gives_every_query_the_first_images_hard_negative(name, monkeypatch):
-    loss_fn = "info_nce" if name == "moco" else "nt_xent"
-    seen = {}
-    original = getattr(models, loss_fn)
+def test_single_image_batch_norm_is_a_batch_of_one_image_each():
+    encoder = models.ResNetEncoder("resnet18", bn_splits=2).train()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad(), models.single_image_batch_norm(encoder):
+        together = encoder(x)
+    before = running_stats(encoder)
+    plain = models.ResNetEncoder("resnet18").train()
+    plain.load_state_dict(encoder.state_dict())
+    with torch.no_grad(), models.batch_stats_only(plain):
+        one_by_one = torch.cat([plain(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, one_by_one, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in running_stats(encoder).items())
+    assert "forward" not in vars(encoder.trunk.bn1)                     # restored on exit
+    with pytest.raises(ValueError):                                   # 32 px, ImageNet stem: a 1x1 map
+        with torch.no_grad(), models.single_image_batch_norm(encoder):
+            encoder(torch.randn(2, 3, 32, 32))
 
-    def spy(*args, **kwargs):
-        seen[pairing] = args[3]                                        # the hard negatives [B, M, D]
-        return original(*args, **kwargs)
-    monkeypatch.setattr(models, loss_fn, spy)
-    query, key, hard = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), torch.randn(8, 1, 3, 32, 32)
-    losses_of_pairing = {}
-    for pairing in ("own", "release"):
-        model = make_framework(name).train()
-        model.pairing = pairing
-        torch.manual_seed(3)
-        losses_of_pairing[pairing], _ = model(query, key, hard)
-    own, release = seen["own"], seen["release"]
-    assert not torch.allclose(own[1:], own[:1].expand_as(own[1:]))     # own: each image its own
-    assert torch.equal(release, own[:1].expand_as(own))                # release: image 0's, for every query
-    assert not torch.isclose(losses_of_pairing["own"], losses_of_pairing["release"])
-    with pytest.raises(ValueError, match="choose one of"):
-        models.pair_hard_negatives(own, "mine")
+
+def release_gpu(encoder_q, encoder_k, im_q, im_t, num_hard, alpha, temperature):
+    """One GPU of the released MoCo forward, its hard-negative logits (SPEC.md section 4; a
+    transcription written for this test): `im_t` unsqueezed to [1, b, ...]; hard negative m is
+    `im_t[:, m]`, image m of this GPU's batch, gathered from every GPU, shuffled, embedded by
+    the key encoder one image per GPU, unshuffled; every query of the GPU meets it."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def concat_all_gather(x):
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+    q = F.normalize(encoder_q(im_q), dim=1)                           # BN over this GPU's batch
+    im_t = im_t.unsqueeze(0)                                          # [1, b, C, H, W]
+    logits = []
+    for m in range(num_hard):
+        everyone = concat_all_gather(im_t[:, m])                      # [G, C, H, W]
+        shuffle = torch.randperm(world)
+        torch.distributed.broadcast(shuffle, 0)
+        t = F.normalize(encoder_k(everyone[shuffle][rank:rank + 1]), dim=1)   # a batch of one image
+        t = concat_all_gather(t)[shuffle.argsort()][rank:rank + 1]
+        logits.append(torch.einsum("nc,nc->n", q, t) * alpha)         # [1, C] broadcast to every query
+    return torch.stack(logits, 1) / temperature                       # [b, M]
+
+
+def release_setup(bn_splits, num_hard, size=64, batch=16):
+    """A MoCo with the release's pairing (float64) and a global batch: query views, and hard
+    negatives whose M masks of an image are one (the release makes one per image)."""
+    torch.manual_seed(0)
+    model = models.MoCo(models.ResNetEncoder("resnet18", bn_splits=bn_splits), queue_size=64, temperature=0.2,
+                        alpha=2.0, hard_negative_pairing="release").double().train()
+    with torch.no_grad():                                             # the key encoder differs from the query's
+        for p in model.encoder_k.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    query = torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)
+    hard = torch.randn(batch, 1, 3, size, size, generator=g, dtype=torch.float64).expand(-1, num_hard, -1, -1, -1)
+    return model, query, hard
+
+
+def project_hard_logits(model, query, hard):
+    q = losses.l2norm(model.head_q(model.encoder_q(query)))
+    t = model.encode_hard_negatives(hard)
+    return losses.hard_negative_logits(q, t, model.alpha) / model.temperature
+
+
+def release_process(rank, world, folder, num_hard):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                                         world_size=world)
+    try:
+        with torch.no_grad():
+            # the project under torchrun with --bn-splits 4: one sub-batch per process, plain BatchNorm
+            model, query, hard = release_setup(bn_splits=1, num_hard=num_hard)
+            # release GPU g holds the images of BatchNorm sub-batch g (g, g + G, ...), as process g does
+            query, hard = query[rank::world], hard[rank::world]
+            release = release_gpu(nn.Sequential(model.encoder_q, model.head_q), nn.Sequential(model.encoder_k, model.head_k),
+                                  query, hard[:, 0], num_hard, model.alpha, model.temperature)
+            torchrun = project_hard_logits(model, query, hard)
+        torch.save((release, torchrun), f"{folder}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("num_hard", [1, 2])
+def test_release_pairing_computes_the_released_codes_logits_on_one_device_and_under_torchrun(tmp_path, num_hard):
+    """4 gloo processes play the release's 4 GPUs; the project on one device with 4 BatchNorm
+    sub-batches, and under torchrun with 4 processes, gives the same hard-negative logits."""
+    world = 4
+    torch.multiprocessing.spawn(release_process, args=(world, str(tmp_path), num_hard), nprocs=world)
+    release, torchrun = torch.empty(16, num_hard, dtype=torch.float64), torch.empty(16, num_hard, dtype=torch.float64)
+    for rank in range(world):
+        release[rank::world], torchrun[rank::world] = torch.load(tmp_path / f"rank{rank}.pt")
+    with torch.no_grad():
+        model, query, hard = release_setup(bn_splits=world, num_hard=num_hard)
+        one_device = project_hard_logits(model, query, hard)
+    torch.testing.assert_close(one_device, release, rtol=0, atol=1e-9)
+    torch.testing.assert_close(torchrun, release, rtol=0, atol=1e-9)
+    # a query meets its sub-batch's hard negatives, not its own image's: rows of a sub-batch share them
+    t = model.encode_hard_negatives(hard)
+    assert torch.equal(t[0], t[4]) and not torch.allclose(t[0], t[1])
+    # which is not the paper's pairing, nor the old approximation (image 0's for every query)
+    model.pairing = "own"
+    assert not torch.allclose(project_hard_logits(model, query, hard), release)
+
+
+def test_release_pairing_refuses_settings_where_the_release_cannot_run(tmp_path, capsys):
+    base = ["--hard-negative-pairing", "release", "--out", str(tmp_path / "out")]
+    for argv, fix in [([], "--stem cifar or --image-size 64 or more"), (["--framework", "simclr"], "--framework moco"),
+                      (["--image-size", "64", "--num-hard-negatives", "20"], "a batch of 160 or more")]:
+        with pytest.raises(SystemExit) as stop:
+            train.parse_args(base + argv)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and fix in err and "\n" not in err, err
+    args = train.parse_args(base + ["--image-size", "64"])
+    assert args.hard_negative_pairing == "release" and args.bn_splits == 8
 
 
 def test_byol_momentum_rises_from_its_base_to_one_by_a_cosine():
@@ -1126,10 +1216,9 @@ def test_self_saliency_on_a_1x1_map_is_refused_before_training(tmp_path, capsys)
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("framework", ["moco", "simclr"])
-def test_release_pairing_trains(tmp_path, framework):
-    result = run_train(tmp_path, "--framework", framework, "--hard-negative-pairing", "release",
-                       "--epochs", "1", "--max-steps", "2")
+def test_release_pairing_trains(tmp_path):
+    result = run_train(tmp_path, "--hard-negative-pairing", "release", "--image-size", "64", "--epochs", "1",
+                       "--max-steps", "2")
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert result["step"] == 2 and args["hard_negative_pairing"] == "release"
 

@@ -92,9 +92,10 @@ def parse_args(argv=None):
       help="weight of the hard-negative logits (paper: 2, the default; shapes: 1, because on 32 px "
            "shapes alpha 2 cost 8-19 kNN points against alpha 1 over three seeds, see the README)")
     a("--hard-negative-pairing", choices=models.PAIRINGS, default="own",
-      help="own: each query meets its own image's hard negative (the paper's text); release: every "
-           "query meets the batch's first image's (what the released code computes; with alpha 2 on "
-           "shapes it ended below the random-init encoder, see the README)")
+      help="own: each query meets its own image's hard negative (the paper's text); release: what the "
+           "released MoCo code computes, each BatchNorm sub-batch standing for a GPU: every query of a "
+           "sub-batch meets hard negative m of the sub-batch's image m, embedded as a batch of one image "
+           "(needs a last feature map of 2x2 or more, see the README)")
     a("--queue-size", type=int, default=None, help="MoCo queue K (default 4096 small images, 65536 large)")
     a("--moco-momentum", type=float, default=None,
       help="momentum m of the key/target encoder (0.99 small, 0.999 large); BYOL: the base value, "
@@ -234,10 +235,22 @@ def check_args(p, args):
     if args.image_size < 8 or args.grid < 1 or args.grid > args.image_size:
         p.error(f"--image-size {args.image_size} --grid {args.grid}: need 8 <= size and 1 <= grid <= size")
     side = models.feature_map_size(args.image_size, cifar_stem=args.stem == "cifar")
+    larger = f"--image-size {64 if args.stem == 'imagenet' else 16} or more"
+    if args.hard_negative_pairing == "release" and args.num_hard_negatives:
+        if args.framework != "moco":
+            p.error(f"--hard-negative-pairing release is the released MoCo code's; use it with --framework moco")
+        if side < 2:                               # BatchNorm over one image of one position: torch refuses
+            p.error(f"--hard-negative-pairing release embeds each hard negative as a batch of one image, whose "
+                    f"BatchNorm needs a last feature map of 2x2 or more; it is {side}x{side} at --image-size "
+                    f"{args.image_size} with --stem {args.stem}: use {'--stem cifar or ' * (args.stem == 'imagenet')}{larger}")
+        if args.num_hard_negatives * args.bn_splits > args.batch_size:
+            p.error(f"--hard-negative-pairing release takes hard negative m from image m of each of the --bn-splits "
+                    f"{args.bn_splits} sub-batches: --num-hard-negatives {args.num_hard_negatives} needs a batch of "
+                    f"{args.num_hard_negatives * args.bn_splits} or more")
     if args.saliency == "self" and args.masking == "saliency" and side < 2:
         p.error(f"--saliency self: the encoder's last feature map is {side}x{side} at --image-size "
                 f"{args.image_size} with --stem {args.stem}, which cannot say where the object is; "
-                f"use --stem cifar or --image-size {64 if args.stem == 'imagenet' else 16} or more")
+                f"use {'--stem cifar or ' * (args.stem == 'imagenet')}{larger}")
     if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
         p.error(f"{args.out}/last.pt exists: continue it with --resume auto (or --resume {args.out}/last.pt), "
                 f"or pick another --out")
@@ -759,9 +772,11 @@ def run(args, checkpoint, train_set, steps_per_epoch, stop):
         if step == (epoch + 1) * steps_per_epoch:                     # the epoch is complete
             epoch += 1
             if args.knn_every and epoch % args.knn_every == 0 and not done:
-                accuracy = knn(args, model, masker, device)
+                split = monitoring_split(args.dataset)                # never the test split, where there is another
+                accuracy = knn(args, model, masker, device, split)
                 if rank == 0:
-                    print(f"epoch {epoch}: kNN top-1 {accuracy:.2f} %")
+                    print(f"epoch {epoch}: kNN top-1 {accuracy:.2f} % ({split} split)")
+                log({"epoch": epoch, "step": step, f"knn_top1_{split}": accuracy})
         seconds = timer.totals()
         split = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
         say(f"epoch {epoch} done in {time.perf_counter() - epoch_start:.0f} s: {split}")
@@ -794,21 +809,26 @@ def stop_if_not_finite(args, step, loss):
         sys.exit(1)
 
 
-def knn(args, model, masker, device):
-    """kNN top-1 (%) of the current backbone, train split as memory, test split as queries.
+def monitoring_split(dataset):
+    """What --knn-every reads: shapes' validation split; datasets without one, their test split."""
+    return "val" if dataset == "shapes" else "test"
+
+
+def knn(args, model, masker, device, split="test"):
+    """kNN top-1 (%) of the current backbone, train split as memory, `split` as queries.
     Under torchrun process 0 computes it (with the running statistics averaged over the
     processes) and the others wait; they get None."""
     rank, world = models.process_group()
     if world > 1:
         models.average_running_stats(model)
-        accuracy = knn_of_one_process(args, model, masker, device) if rank == 0 else None
+        accuracy = knn_of_one_process(args, model, masker, device, split) if rank == 0 else None
         torch.distributed.barrier()
         return accuracy
-    return knn_of_one_process(args, model, masker, device)
+    return knn_of_one_process(args, model, masker, device, split)
 
 
-def knn_of_one_process(args, model, masker, device):
-    train_set, test_set = data.eval_datasets(args.dataset, args.data_dir, args.image_size,
+def knn_of_one_process(args, model, masker, device, split):
+    train_set, test_set = data.eval_datasets(args.dataset, args.data_dir, args.image_size, split=split,
                                              shapes_size=tuple(args.shapes_size))
     loader = lambda d: torch.utils.data.DataLoader(d, batch_size=256, num_workers=args.workers,
                                                    worker_init_fn=ignore_sigint)
