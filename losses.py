@@ -6,9 +6,13 @@ each function can be copied on its own.
     byol_loss(p, z)                                                     # BYOL
 
 Embeddings are L2-normalised inside. Hard-negative logits are `alpha * q . t_m / tau`,
-appended after the ordinary negatives; `alpha > 1` up-weights them. Logits are computed in
-float32 at least, so the losses are safe under bf16/fp16 autocast.
+appended after the ordinary negatives; `alpha > 1` up-weights them. Similarities and logits
+are computed in float32 at least, autocast or not: in bf16 a cosine near 1 carries about
++-0.004 of rounding, +-0.04 once scaled by alpha 2 / tau 0.2, as much as the gaps learning
+reads.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -18,12 +22,19 @@ def l2norm(x):
     return F.normalize(x if x.dtype == torch.float64 else x.float(), dim=-1)
 
 
+def full_precision(x):
+    """Inside, autocast is off on `x`'s device, so products of l2norm'ed (float32) rows stay float32."""
+    return torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
+        else contextlib.nullcontext()
+
+
 def hard_negative_logits(anchors, hard_negatives, alpha):
     """`alpha * a . t_m` for each anchor and its own M hard negatives: `[B, D], [B, M, D] -> [B, M]`.
 
     Hard negatives carry no gradient (they come from the momentum encoder, or a no_grad pass).
     """
-    return alpha * torch.einsum("bd,bmd->bm", anchors, l2norm(hard_negatives.detach()))
+    with full_precision(anchors):
+        return alpha * torch.einsum("bd,bmd->bm", l2norm(anchors), l2norm(hard_negatives.detach()))
 
 
 def info_nce(q, k, queue=None, hard_negatives=None, temperature=0.2, alpha=1.0):
@@ -34,12 +45,13 @@ def info_nce(q, k, queue=None, hard_negatives=None, temperature=0.2, alpha=1.0):
     never into the queue or the hard negatives.
     """
     q, k = l2norm(q), l2norm(k)
-    logits = [(q * k).sum(1, keepdim=True)]                          # positive: [B, 1]
-    if queue is not None:
-        logits.append(q @ l2norm(queue.detach()).T)                  # negatives: [B, K]
-    if hard_negatives is not None:
-        logits.append(hard_negative_logits(q, hard_negatives, alpha))  # hard negatives: [B, M]
-    logits = torch.cat(logits, dim=1) / temperature
+    with full_precision(q):
+        logits = [(q * k).sum(1, keepdim=True)]                      # positive: [B, 1]
+        if queue is not None:
+            logits.append(q @ l2norm(queue.detach()).T)              # negatives: [B, K]
+        if hard_negatives is not None:
+            logits.append(hard_negative_logits(q, hard_negatives, alpha))   # hard negatives: [B, M]
+        logits = torch.cat(logits, dim=1) / temperature
     labels = torch.zeros(len(q), dtype=torch.long, device=q.device)  # the positive is column 0
     return F.cross_entropy(logits, labels)
 
@@ -54,14 +66,15 @@ def nt_xent(z1, z2, temperature=0.2, hard_negatives=None, alpha=1.0):
     """
     B = len(z1)
     z = l2norm(torch.cat([z1, z2]))                                  # [2B, D]
-    sim = z @ z.T                                                    # [2B, 2B]
-    self_mask = torch.eye(2 * B, dtype=torch.bool, device=z.device)
-    logits = [sim.masked_fill(self_mask, float("-inf"))]
-    if hard_negatives is not None:
-        if len(hard_negatives) == B:
-            hard_negatives = torch.cat([hard_negatives, hard_negatives])
-        logits.append(hard_negative_logits(z, hard_negatives, alpha))   # [2B, M]
-    logits = torch.cat(logits, dim=1) / temperature
+    with full_precision(z):
+        sim = z @ z.T                                                # [2B, 2B]
+        self_mask = torch.eye(2 * B, dtype=torch.bool, device=z.device)
+        logits = [sim.masked_fill(self_mask, float("-inf"))]
+        if hard_negatives is not None:
+            if len(hard_negatives) == B:
+                hard_negatives = torch.cat([hard_negatives, hard_negatives])
+            logits.append(hard_negative_logits(z, hard_negatives, alpha))   # [2B, M]
+        logits = torch.cat(logits, dim=1) / temperature
     positives = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(z.device)
     return F.cross_entropy(logits, positives)
 
