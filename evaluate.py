@@ -196,6 +196,30 @@ def export_backbone(model, path, layout="torchvision"):
     os.replace(tmp, path)
 
 
+def trained_on_high_pass(train_args):
+    """Whether training high-passed every view (so evaluation inputs must be high-passed too)."""
+    high_pass = getattr(train_args, "high_pass", None)               # None: a checkpoint from before the flag
+    if high_pass is None:
+        high_pass = "on" if train_args.strategy == "hp" and train_args.masking != "none" else "off"
+    return high_pass == "on"
+
+
+def preprocessing(train_args):
+    """What an exported encoder expects of its inputs, as JSON-ready facts: the normalisation
+    and, when it trained on high-passed views, the filter that follows it (the release's
+    `main_lincls.py --strategy hp` applies the same before its linear classifier)."""
+    facts = {"arch": train_args.arch, "stem": train_args.stem, "trained_at_px": train_args.image_size,
+             "normalize": {"mean": list(data.MEAN), "std": list(data.STD)}, "high_pass": None}
+    if trained_on_high_pass(train_args):
+        kernel, sigma = masking.scaled_kernel(masking.HP_KERNEL, masking.HP_SIGMA, train_args.image_size)
+        facts["high_pass"] = {
+            "kernel_size": kernel, "sigma": sigma,
+            "apply": "after normalize: x - torchvision.transforms.functional.gaussian_blur(x, kernel_size, sigma)",
+            "other_sizes": f"kernel and sigma scale with the view: masking.scaled_kernel({masking.HP_KERNEL}, "
+                           f"{masking.HP_SIGMA}, size) ({masking.HP_KERNEL} and {masking.HP_SIGMA} at 224 px)"}
+    return facts
+
+
 def fail(message):
     """A user-facing error: one line on stderr, exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -326,18 +350,22 @@ def main(argv=None):
             export_backbone(model, args.export, args.export_layout)
         except OSError as error:
             fail(f"--export {args.export}: cannot write it ({error.strerror or error}); pick another path")
+        facts = preprocessing(train_args)
+        facts_path = os.path.splitext(args.export)[0] + ".preprocessing.json"
+        write_json(facts_path, facts)
         note = ("" if train_args.stem != "cifar" else "; it has the CIFAR stem: build the torchvision ResNet "
                 "with conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = nn.Identity() before loading")
         print(f"wrote the {train_args.arch} backbone to {args.export} ({args.export_layout} layout){note}")
-        return {"export": args.export}
+        hp = facts["high_pass"]
+        print(f"its inputs ({facts_path}): Normalize(mean={facts['normalize']['mean']}, std={facts['normalize']['std']})"
+              + (f", then the high-pass filter x - gaussian_blur(x, {hp['kernel_size']}, {hp['sigma']}) it trained on: "
+                 f"apply it before main_lincls.py or detectron2" if hp else ""))
+        return {"export": args.export, "preprocessing": facts_path}
     encoder = model.backbone.to(device)
     dataset = args.dataset or train_args.dataset
     image_size = args.image_size or train_args.image_size
-    high_pass = getattr(train_args, "high_pass", None)               # None: a checkpoint from before the flag
-    if high_pass is None:
-        high_pass = "on" if train_args.strategy == "hp" and train_args.masking != "none" else "off"
     transform = masking.Masker(train_args.strategy, train_args.grid, high_pass=True).filter \
-        if high_pass == "on" else None
+        if trained_on_high_pass(train_args) else None
     data_dir = args.data_dir or train_args.data_dir
     loader = lambda dataset, shuffle=False: torch.utils.data.DataLoader(
         dataset, batch_size=256, shuffle=shuffle, num_workers=train_args.workers)

@@ -1138,8 +1138,20 @@ def test_shapes_departs_from_the_paper_only_in_its_documented_defaults(tmp_path)
     shapes, cifar = parse(), parse("--dataset", "cifar10")
     # The README's departures for the CPU demo: larger crops, a warm-up epoch, alpha 1.
     assert (shapes.crop_scale, shapes.warmup_epochs, shapes.alpha) == ([0.85, 1.0], 1.0, 1.0)
-    assert (cifar.crop_scale, cifar.warmup_epochs, cifar.alpha) == ([0.2, 1.0], 0.0, 2.0)   # the paper's
+    assert (cifar.crop_scale, cifar.warmup_epochs, cifar.alpha) == ([0.2, 1.0], 0.0, 1.0)   # small: alpha 1
+    large = parse("--dataset", "imagefolder")
+    assert (large.crop_scale, large.warmup_epochs, large.alpha, large.image_size) == ([0.2, 1.0], 0.0, 2.0, 224)
+    assert parse("--dataset", "stl10").alpha == 1.0 and parse("--image-size", "128").alpha == 2.0
     assert parse("--alpha", "2").alpha == 2.0 and parse("--alpha", "0").alpha == 0.0    # a given value wins
+
+
+@pytest.mark.parametrize("before,after", [(50.0, 30.0), (30.0, 50.0)])
+def test_a_run_that_ends_below_its_random_init_encoder_says_so(tmp_path, monkeypatch, capsys, before, after):
+    accuracies = iter([before, after])
+    monkeypatch.setattr(train, "knn", lambda *args: next(accuracies))
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "1")
+    err = capsys.readouterr().err
+    assert ("20.00 kNN points BELOW its random-init encoder" in err and "When the method hurts" in err) == (after < before)
 
 
 def test_resume_gives_the_same_losses_as_an_unbroken_run(tmp_path):
@@ -1523,6 +1535,29 @@ def test_export_loads_into_a_fresh_torchvision_resnet_with_the_same_features(tra
     net.fc = nn.Identity()
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(net.eval()(x), model.backbone.eval()(x))
+
+
+def test_export_writes_the_preprocessing_its_encoder_needs(trained_checkpoint, tmp_path):
+    """An encoder trained on high-passed views, fed plain images, sees other inputs than it
+    learned from: the export says which, and following it gives evaluate.py's features."""
+    import torchvision
+    evaluate.main(["--checkpoint", str(trained_checkpoint), "--export", str(tmp_path / "backbone.pth")])
+    facts = json.loads((tmp_path / "backbone.preprocessing.json").read_text())
+    hp = facts["high_pass"]
+    assert facts["normalize"] == {"mean": list(data.MEAN), "std": list(data.STD)} and hp is not None
+    net = torchvision.models.resnet18()
+    net.load_state_dict(torch.load(tmp_path / "backbone.pth"), strict=False)
+    net.fc = nn.Identity()
+    images = torch.rand(4, 3, 32, 32)
+    normalized = torchvision.transforms.functional.normalize(images, **facts["normalize"])
+    inputs = normalized - torchvision.transforms.functional.gaussian_blur(normalized, hp["kernel_size"], hp["sigma"])
+    checkpoint = torch.load(trained_checkpoint, weights_only=False)
+    model = models.build_model(argparse.Namespace(**checkpoint["args"]))
+    model.load_state_dict(checkpoint["model"])
+    masker = masking.Masker("hp", high_pass=True)
+    torch.testing.assert_close(net.eval()(inputs), model.backbone.eval()(masker.filter(normalized)), rtol=1e-4, atol=1e-4)
+    plain = argparse.Namespace(**{**checkpoint["args"], "masking": "none", "high_pass": "off"})
+    assert evaluate.preprocessing(plain)["high_pass"] is None
 
 
 def test_export_in_moco_and_detectron2_layouts(trained_checkpoint, tmp_path):
