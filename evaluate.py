@@ -284,17 +284,31 @@ def supervised_baseline(dataset="shapes", *, arch="resnet18", image_size=32, epo
     return results
 
 
+class CheckpointError(Exception):
+    """A checkpoint that is missing or unreadable; the message names the fix."""
+
+
+def read_checkpoint(path, flag="--checkpoint", *, mmap=False):
+    """The checkpoint dict, or CheckpointError with a one-line message. `mmap`: tensors stay
+    on disk until read (a cheap look at the flags)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{flag} {path}: no such file; pass the last.pt that train.py wrote")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as error:
+        raise CheckpointError(f"{flag} {path}: unreadable ({type(error).__name__}); it may be truncated: "
+                              f"use another checkpoint") from None
+    if not isinstance(checkpoint, dict) or not {"args", "model"} <= set(checkpoint):
+        raise CheckpointError(f"{flag} {path}: not a train.py checkpoint (it has no 'args' and 'model')")
+    return checkpoint
+
+
 def load_checkpoint(path, flag="--checkpoint"):
     """The checkpoint dict; a missing or unreadable file fails with one line."""
-    if not os.path.isfile(path):
-        fail(f"{flag} {path}: no such file; pass the last.pt that train.py wrote")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        fail(f"{flag} {path}: unreadable ({type(error).__name__}); it may be truncated: use another checkpoint")
-    if not isinstance(checkpoint, dict) or not {"args", "model"} <= set(checkpoint):
-        fail(f"{flag} {path}: not a train.py checkpoint (it has no 'args' and 'model')")
-    return checkpoint
+        return read_checkpoint(path, flag)
+    except CheckpointError as error:
+        fail(error)
 
 
 def main(argv=None):

@@ -821,33 +821,50 @@ def project_hard_logits(model, query, hard):
     return losses.hard_negative_logits(q, t, model.alpha) / model.temperature
 
 
-def release_process(rank, world, folder, num_hard):
+def release_process(rank, world, folder):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
                                          world_size=world)
     try:
-        with torch.no_grad():
-            # the project under torchrun with --bn-splits 4: one sub-batch per process, plain BatchNorm
-            model, query, hard = release_setup(bn_splits=1, num_hard=num_hard)
-            # release GPU g holds the images of BatchNorm sub-batch g (g, g + G, ...), as process g does
-            query, hard = query[rank::world], hard[rank::world]
-            release = release_gpu(nn.Sequential(model.encoder_q, model.head_q), nn.Sequential(model.encoder_k, model.head_k),
-                                  query, hard[:, 0], num_hard, model.alpha, model.temperature)
-            torchrun = project_hard_logits(model, query, hard)
-        torch.save((release, torchrun), f"{folder}/rank{rank}.pt")
+        torch.save({num_hard: release_and_torchrun(rank, world, num_hard) for num_hard in (1, 2)},
+                   f"{folder}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
+def release_and_torchrun(rank, world, num_hard):
+    with torch.no_grad():
+        # the project under torchrun with --bn-splits 4: one sub-batch per process, plain BatchNorm
+        model, query, hard = release_setup(bn_splits=1, num_hard=num_hard)
+        # release GPU g holds the images of BatchNorm sub-batch g (g, g + G, ...), as process g does
+        query, hard = query[rank::world], hard[rank::world]
+        release = release_gpu(nn.Sequential(model.encoder_q, model.head_q), nn.Sequential(model.encoder_k, model.head_k),
+                              query, hard[:, 0], num_hard, model.alpha, model.temperature)
+        torchrun = project_hard_logits(model, query, hard)
+    return release, torchrun
+
+
+@pytest.fixture(scope="module")
+def release_gpus(tmp_path_factory):
+    """The hard-negative logits of the release's forward on 4 gloo processes (its GPUs) and of
+    the project under torchrun on the same 4, for M = 1 and 2: [16, M] each, global order."""
+    folder, world = tmp_path_factory.mktemp("release"), 4
+    torch.multiprocessing.spawn(release_process, args=(world, str(folder)), nprocs=world)
+    gathered = {}
+    for num_hard in (1, 2):
+        release, torchrun = (torch.empty(16, num_hard, dtype=torch.float64) for _ in range(2))
+        for rank in range(world):
+            release[rank::world], torchrun[rank::world] = torch.load(folder / f"rank{rank}.pt")[num_hard]
+        gathered[num_hard] = release, torchrun
+    return gathered
+
+
 @pytest.mark.parametrize("num_hard", [1, 2])
-def test_release_pairing_computes_the_released_codes_logits_on_one_device_and_under_torchrun(tmp_path, num_hard):
+def test_release_pairing_computes_the_released_codes_logits_on_one_device_and_under_torchrun(release_gpus, num_hard):
     """4 gloo processes play the release's 4 GPUs; the project on one device with 4 BatchNorm
     sub-batches, and under torchrun with 4 processes, gives the same hard-negative logits."""
     world = 4
-    torch.multiprocessing.spawn(release_process, args=(world, str(tmp_path), num_hard), nprocs=world)
-    release, torchrun = torch.empty(16, num_hard, dtype=torch.float64), torch.empty(16, num_hard, dtype=torch.float64)
-    for rank in range(world):
-        release[rank::world], torchrun[rank::world] = torch.load(tmp_path / f"rank{rank}.pt")
+    release, torchrun = release_gpus[num_hard]
     with torch.no_grad():
         model, query, hard = release_setup(bn_splits=world, num_hard=num_hard)
         one_device = project_hard_logits(model, query, hard)
@@ -1843,5 +1860,52 @@ def test_sigterm_to_torchrun_then_the_same_line_with_resume_auto_repeats_nothing
     assert job.wait() != 0 and "--resume auto to continue" in err
     checkpoint = torch.load(out / "last.pt", weights_only=False)
     assert 3 <= checkpoint["step"] < 16 and len(checkpoint["rng_per_process"]) == 2
+    shutil.copytree(out, tmp_path / "copy")
     assert torchrun(out, "--resume", "auto").wait() == 0
     assert losses_of(out) == losses_of(tmp_path / "whole") and sorted(losses_of(out)) == list(range(1, 33))
+    # The same checkpoint resumes on one process, its BatchNorm grouping (--bn-splits 2) read from it
+    # (it was refused: the one-process default is 8).
+    at = SIGNAL_RUN.index("--bn-splits")
+    one = SIGNAL_RUN[:at] + SIGNAL_RUN[at + 2:]
+    done = subprocess.run([sys.executable, *one, "--out", str(tmp_path / "copy"), "--resume", "auto"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(losses_of(tmp_path / "copy")) == list(range(1, 33))
+
+
+def test_resume_keeps_the_checkpoints_batchnorm_groups_on_any_process_count_that_divides_them(tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """A 4-process run of the paper's recipe (4 sub-batches of 32) resumes on 1, 2 or 4
+    processes; on 8 the refusal names those counts."""
+    last = tmp_path / "last.pt"
+    torch.save({"args": {"bn_splits": 4}, "model": {}}, last)
+    argv = ["--dataset", "imagefolder", "--batch-size", "128", "--resume", str(last), "--out", str(tmp_path / "o")]
+    for world in ("1", "2", "4"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert train.parse_args(argv).bn_splits == 4
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert train.parse_args(argv[:4] + ["--out", str(tmp_path / "o")]).bn_splits == 8     # a fresh run: 16 each
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "resume it on 1, 2 or 4 processes" in err and "\n" not in err
+
+
+def test_torchrun_processes_that_see_no_shared_checkpoint_all_stop_in_one_line(tmp_path):
+    """Each process is started in its own folder, as on nodes without a shared file system:
+    process 0 finds runs/x/last.pt, process 1 does not, and it would have started at step 0."""
+    for rank in ("0", "1"):
+        (tmp_path / rank).mkdir()
+    flags = SIGNAL_RUN[1:] + ["--out", "runs/x"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run([sys.executable, os.path.join(here, "train.py"), *flags, "--max-steps", "2"], env=env,
+                          cwd=tmp_path / "0", capture_output=True).returncode == 0
+    script = tmp_path / "in_own_folder.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {here!r})\nos.chdir(os.path.join({str(tmp_path)!r}, "
+                      f"os.environ['LOCAL_RANK']))\nimport train\ntrain.main(sys.argv[1:])\n")
+    job = subprocess.run([*TORCHRUN[:-len(SIGNAL_RUN)], str(script), *flags, "--resume", "auto"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert job.returncode != 0
+    assert "error: process 1 cannot read runs/x/last.pt, which process 0 resumes from" in job.stderr
+    assert not (tmp_path / "1" / "runs").exists()

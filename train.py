@@ -159,10 +159,15 @@ def fill_defaults(args):
     default("lr", 0.06 * args.batch_size / (128 if shapes else 512) if small else 0.03 * args.batch_size / 256)
     default("warmup_epochs", 1.0 if shapes else 0.0)
     default("weight_decay", 5e-4 if small else 1e-4)
+    default("out", os.path.join("runs", f"{args.dataset}-{args.framework}"))
+    if args.resume == "auto":                                         # under torchrun process 0's decision holds
+        args.resume = os.path.join(args.out, "last.pt") if os.path.isfile(os.path.join(args.out, "last.pt")) else None
     # Small images: 8 (MoCo's CIFAR demo). Large: the fewest sub-batches of at most 32 images (the
-    # release's 4 GPUs at batch 128). Under torchrun a multiple of the number of processes.
+    # release's GPUs: 4 at batch 128, 8 at 256). Under torchrun a multiple of the number of
+    # processes. A resumed run keeps its checkpoint's grouping, on any number of processes that divides it.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     fits = [d for d in range(world, args.batch_size + 1, world) if args.batch_size % d == 0] or [world]
+    default("bn_splits", saved_flag(args.resume, "bn_splits"))
     default("bn_splits", (8 if 8 % world == 0 else world) if small else
             next((d for d in fits if args.batch_size // d <= 32), fits[-1]))
     default("queue_size", 4096 if small else 65536)
@@ -171,7 +176,6 @@ def fill_defaults(args):
     default("num_hard_negatives", int(args.masking == "saliency" and args.framework != "byol"))
     if args.high_pass == "auto":
         args.high_pass = "on" if args.strategy == "hp" and args.masking != "none" else "off"
-    default("out", os.path.join("runs", f"{args.dataset}-{args.framework}"))
     if args.dataset == "imagefolder":
         args.augment = "torchvision"                                  # images of any size, read one by one
     default("device", "cuda" if torch.cuda.is_available() else "cpu")
@@ -179,8 +183,17 @@ def fill_defaults(args):
     default("compile", "off")
     cores = os.cpu_count() or 1
     default("workers", 0 if args.device == "cpu" and cores <= 4 else min(8, cores // 2))
-    if args.resume == "auto":
-        args.resume = os.path.join(args.out, "last.pt") if os.path.isfile(os.path.join(args.out, "last.pt")) else None
+
+
+def saved_flag(checkpoint_path, flag):
+    """A flag of the run that wrote `checkpoint_path` (None: no such file, flag or readable file;
+    the checkpoint's own load reports that in one line)."""
+    if not checkpoint_path:
+        return None
+    try:
+        return evaluate.read_checkpoint(checkpoint_path, mmap=True)["args"].get(flag)
+    except (evaluate.CheckpointError, AttributeError):
+        return None
 
 
 # (flag, the smallest value it takes, whether that bound is excluded): values outside their meaning
@@ -211,6 +224,10 @@ def check_args(p, args):
     except (RuntimeError, ValueError):
         p.error(f"--device {args.device}: use cpu, cuda or cuda:N")
     world = int(os.environ.get("WORLD_SIZE", "1"))                   # torchrun's processes
+    if args.resume and args.bn_splits % world and args.bn_splits == saved_flag(args.resume, "bn_splits"):
+        counts = [str(d) for d in range(1, args.bn_splits + 1) if args.bn_splits % d == 0 and args.batch_size % d == 0]
+        p.error(f"--resume {args.resume} trained with --bn-splits {args.bn_splits} BatchNorm sub-batches, which do not "
+                f"divide over {world} processes: resume it on {', '.join(counts[:-1])} or {counts[-1]} processes")
     if args.batch_size % world or args.bn_splits % world:
         p.error(f"--batch-size {args.batch_size} and --bn-splits {args.bn_splits} count the global batch and "
                 f"its BatchNorm sub-batches: both must divide by the {world} processes")
@@ -514,6 +531,37 @@ FREE_ON_RESUME = ("resume", "out", "device", "amp", "channels_last", "compile", 
                   "knn_every", "save_every", "max_steps", "data_dir", "download")
 
 
+def resume_checkpoint(args):
+    """The checkpoint to continue from (None: a fresh start). Under torchrun process 0's
+    --resume (its `auto` decision) holds for every process, and every process must read that
+    file at the same step, or they all stop with one line: on nodes without a shared --out
+    the others would start from step 0 with other weights."""
+    rank, world = models.process_group()
+    if world > 1:
+        decision = [args.resume]
+        torch.distributed.broadcast_object_list(decision, 0)
+        args.resume = decision[0]
+    if not args.resume:
+        return None
+    try:
+        checkpoint, problem = evaluate.read_checkpoint(args.resume, "--resume"), None
+    except evaluate.CheckpointError as error:
+        checkpoint, problem = None, str(error)
+    if world > 1:
+        seen = [None] * world
+        torch.distributed.all_gather_object(seen, (problem, checkpoint and checkpoint["step"]))
+        bad = [r for r, (trouble, step) in enumerate(seen) if trouble or step != seen[0][1]]
+        if bad:
+            if rank != 0:
+                sys.exit(2)
+            evaluate.fail(f"process {bad[0]} {'cannot read' if seen[bad[0]][0] else 'reads another step in'} "
+                          f"{args.resume}, which process 0 resumes from: give every process the same --out, on a "
+                          f"file system they share")
+    if problem:
+        evaluate.fail(problem)
+    return checkpoint
+
+
 def check_resume(args, checkpoint):
     """A resumed run is the run that was started: every other flag must be the same (flags
     that a checkpoint predates are not compared)."""
@@ -607,7 +655,7 @@ def train(args):
     np.random.seed(args.seed)
     random.seed(args.seed)
     device = torch.device(args.device)
-    checkpoint = evaluate.load_checkpoint(args.resume, "--resume") if args.resume else None
+    checkpoint = resume_checkpoint(args)
     if checkpoint:
         check_resume(args, checkpoint)
 
