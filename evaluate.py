@@ -132,6 +132,7 @@ def linear_probe_paper(encoder, train_loader, test_loader, device, num_classes, 
     `lr` 30, weight decay 0, lr x0.1 at `milestones`; top-1 (%) on `test_loader` (Resize +
     CenterCrop). No feature standardisation: the classifier sees raw pooled features."""
     torch.manual_seed(seed)
+    was_training = encoder.training
     encoder.eval()
     classifier = torch.nn.Linear(encoder.out_dim, num_classes).to(device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
@@ -151,6 +152,7 @@ def linear_probe_paper(encoder, train_loader, test_loader, device, num_classes, 
         scheduler.step()
     with torch.no_grad():
         correct = sum(int((classifier(features(batch)).argmax(1).cpu() == batch[-1]).sum()) for batch in test_loader)
+    encoder.train(was_training)
     return 100.0 * correct / len(test_loader.dataset)
 
 
