@@ -29,12 +29,13 @@ def full_precision(x):
 
 
 def hard_negative_logits(anchors, hard_negatives, alpha):
-    """`alpha * a . t_m` for each anchor and its own M hard negatives: `[B, D], [B, M, D] -> [B, M]`.
+    """`alpha * a . t_m` for each anchor (unit rows, as l2norm gives) and its own M hard negatives:
+    `[B, D], [B, M, D] -> [B, M]`, in float32 at least.
 
     Hard negatives carry no gradient (they come from the momentum encoder, or a no_grad pass).
     """
     with full_precision(anchors):
-        return alpha * torch.einsum("bd,bmd->bm", l2norm(anchors), l2norm(hard_negatives.detach()))
+        return alpha * torch.einsum("bd,bmd->bm", anchors, l2norm(hard_negatives.detach()))
 
 
 def info_nce(q, k, queue=None, hard_negatives=None, temperature=0.2, alpha=1.0):

@@ -1965,6 +1965,44 @@ def test_resume_keeps_the_checkpoints_batchnorm_groups_on_any_process_count_that
     assert stop.value.code == 2 and "resume it on 1, 2 or 4 processes" in err and "\n" not in err
 
 
+FLOAT64_TRAIN = """import sys, torch
+sys.path.insert(0, {here!r})
+import train
+torch.set_default_dtype(torch.float64)                # the model, its queue and the step in float64
+
+
+def fixed_views(args, batch, parts):                  # a function of each image alone: a process's share of the
+    view, _, _, _, _ = batch                          # global batch's views is the views of its share
+    x = (view.double() / 255 - 0.45) / 0.25
+    return x, x.flip(-1), x.roll(5, -1)[:, None], None, {{"view1": x}}
+
+
+train.make_views = fixed_views
+train.knn = lambda *args, **kwargs: 0.0
+train.main(sys.argv[1:])
+"""
+
+
+def test_train_py_on_two_processes_ends_with_the_weights_of_one_process(tmp_path):
+    """3 steps of SimCLR with a hard negative (BatchNorm in its head, the loss over the global
+    batch) through train.py, DDP and the checkpoint; views fixed per image, float64."""
+    script = tmp_path / "float64_train.py"
+    script.write_text(FLOAT64_TRAIN.format(here=os.path.dirname(os.path.abspath(__file__))))
+    flags = ["--framework", "simclr", "--shapes-size", "64", "32", "--batch-size", "16", "--bn-splits", "4",
+             "--epochs", "1", "--max-steps", "3", "--workers", "0", "--device", "cpu", "--log-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command, out in (([sys.executable], "one"), (TORCHRUN[:-len(SIGNAL_RUN)], "two")):
+        done = subprocess.run([*command, str(script), *flags, "--out", str(tmp_path / out)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (torch.load(tmp_path / out / "last.pt", weights_only=False) for out in ("one", "two"))
+    assert one["step"] == two["step"] == 3 and two["args"]["bn_splits"] == 4
+    assert losses_of(tmp_path / "one").keys() == losses_of(tmp_path / "two").keys() == {1, 2, 3}
+    for name, weight in one["model"].items():                        # the head's BatchNorm statistics too
+        assert weight.dtype != torch.float32 or name.endswith("num_batches_tracked"), name
+        torch.testing.assert_close(two["model"][name], weight, rtol=0, atol=1e-9, msg=name)
+
+
 def test_torchrun_processes_that_see_no_shared_checkpoint_all_stop_in_one_line(tmp_path):
     """Each process is started in its own folder, as on nodes without a shared file system:
     process 0 finds runs/x/last.pt, process 1 does not, and it would have started at step 0."""
