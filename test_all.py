@@ -949,6 +949,19 @@ def test_shapes_are_deterministic_balanced_and_masked():
     assert coverage.min() > 0.02 and coverage.max() < 0.8               # an object, never the whole image
 
 
+def test_shapes_has_a_validation_split_disjoint_from_train_and_test(tmp_path):
+    """Defaults were tuned on the test split, the one the study reports: monitoring and tuning
+    now read a split of their own."""
+    splits = {split: data.load_split("shapes", "", split, image_size=32, shapes_size=(200, 100))[0]
+              for split in data.SPLITS}
+    assert len(splits["train"]) == 200 and len(splits["val"]) == len(splits["test"]) == 100
+    flat = {name: {bytes(image.numpy()) for image in images} for name, images in splits.items()}
+    assert not flat["val"] & flat["test"] and not flat["val"] & flat["train"] and not flat["test"] & flat["train"]
+    with pytest.raises(data.DataError, match="no validation split"):
+        data.load_split("cifar10", str(tmp_path), "val")
+    assert train.monitoring_split("shapes") == "val" and train.monitoring_split("cifar10") == "test"
+
+
 def test_shape_colour_alone_does_not_give_the_class():
     images, masks, labels = data.make_shapes(2000, 32, seed=5)
     colour = (images.float() * masks[:, None]).sum((2, 3)) / masks[:, None].sum((2, 3))   # mean object colour
@@ -1182,6 +1195,13 @@ def test_a_run_that_ends_below_its_random_init_encoder_says_so(tmp_path, monkeyp
     assert ("20.00 kNN points BELOW its random-init encoder" in err and "When the method hurts" in err) == (after < before)
 
 
+def test_knn_every_monitors_on_the_validation_split(tmp_path, capsys):
+    run_train(tmp_path, "--epochs", "2", "--knn-every", "1")
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["epoch"] for r in records if "knn_top1_val" in r] == [1]       # not after the last epoch: the final test
+    assert "epoch 1: kNN top-1" in capsys.readouterr().out and not any("knn_top1_test" in r for r in records)
+
+
 def test_resume_gives_the_same_losses_as_an_unbroken_run(tmp_path):
     run_train(tmp_path, "--epochs", "2", out="whole")
     run_train(tmp_path, "--epochs", "2", "--max-steps", "4", out="broken")      # killed after epoch 1
@@ -1377,6 +1397,7 @@ def test_an_empty_or_unusable_out_is_refused_in_one_line(tmp_path, capsys):
 
 def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys):
     run_train(tmp_path, "--epochs", "1", "--max-steps", "1")
+    capsys.readouterr()                                               # its own lines (a one-step run may end below random init)
     checkpoint = str(tmp_path / "run" / "last.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
     cases = [(["--resume", checkpoint, "--framework", "simclr"], "--framework moco"),
@@ -1501,6 +1522,7 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_lives(tmp_pat
 
 def test_a_failed_save_removes_its_temporary_file_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     run_train(tmp_path, "--epochs", "2", "--max-steps", "4")           # last.pt at the end of epoch 1
+    capsys.readouterr()                                               # its own lines
     before = (tmp_path / "run" / "last.pt").read_bytes()
     real_save = torch.save
 
