@@ -881,7 +881,7 @@ def test_release_pairing_computes_the_released_codes_logits_on_one_device_and_un
 
 def test_release_pairing_refuses_settings_where_the_release_cannot_run(tmp_path, capsys):
     base = ["--hard-negative-pairing", "release", "--out", str(tmp_path / "out")]
-    for argv, fix in [([], "--stem cifar or --image-size 64 or more"), (["--framework", "simclr"], "--framework moco"),
+    for argv, fix in [([], "--stem cifar or --image-size 33 or more"), (["--framework", "simclr"], "--framework moco"),
                       (["--image-size", "64", "--num-hard-negatives", "20"], "a batch of 160 or more")]:
         with pytest.raises(SystemExit) as stop:
             train.parse_args(base + argv)

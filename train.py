@@ -254,7 +254,8 @@ def check_args(p, args):
     if args.image_size < 8 or args.grid < 1 or args.grid > args.image_size:
         p.error(f"--image-size {args.image_size} --grid {args.grid}: need 8 <= size and 1 <= grid <= size")
     side = models.feature_map_size(args.image_size, cifar_stem=args.stem == "cifar")
-    larger = f"--image-size {64 if args.stem == 'imagenet' else 16} or more"
+    smallest = next(size for size in range(8, 1024) if models.feature_map_size(size, cifar_stem=args.stem == "cifar") >= 2)
+    larger = f"--image-size {smallest} or more"
     if args.hard_negative_pairing == "release" and args.num_hard_negatives:
         if args.framework != "moco":
             p.error(f"--hard-negative-pairing release is the released MoCo code's; use it with --framework moco")
