@@ -305,6 +305,12 @@ def read_checkpoint(path, flag="--checkpoint", *, mmap=False):
     return checkpoint
 
 
+def finite_weights(model):
+    """Whether every floating-point parameter and buffer of `model` is finite (one host sync)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
 def load_checkpoint(path, flag="--checkpoint"):
     """The checkpoint dict; a missing or unreadable file fails with one line."""
     try:
@@ -361,6 +367,9 @@ def main(argv=None):
 
     model = models.build_model(train_args)
     model.load_state_dict(checkpoint["model"])
+    if not finite_weights(model):
+        fail(f"--checkpoint {args.checkpoint}: its weights are not finite (NaN or inf), so its figures would mean "
+             f"nothing: evaluate an earlier checkpoint, or retrain with a lower --lr")
     if args.export:
         try:
             export_backbone(model, args.export, args.export_layout)

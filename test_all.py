@@ -1238,6 +1238,35 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
 
 
+def test_non_finite_weights_are_never_saved_nor_evaluated(tmp_path, monkeypatch, capsys):
+    """--lr inf gave one step of non-finite weights, saved as a checkpoint and evaluated to 6 %."""
+    with pytest.raises(SystemExit) as stop:
+        run_train(tmp_path, "--lr", "inf")
+    assert stop.value.code == 2 and "--lr inf: need a finite value" in capsys.readouterr().err
+    step = torch.optim.SGD.step
+
+    def poisoning_step(self, *args, **kwargs):                        # the loss is finite, the update is not
+        step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+    monkeypatch.setattr(torch.optim.SGD, "step", poisoning_step)
+    with pytest.raises(SystemExit) as stop:
+        run_train(tmp_path, "--epochs", "1", "--max-steps", "1")
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "the weights are not finite at step 1" in err and "no checkpoint was written" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+    monkeypatch.undo()
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "1", out="good")
+    checkpoint = torch.load(tmp_path / "good" / "last.pt", weights_only=False)
+    next(iter(checkpoint["model"].values())).fill_(float("nan"))
+    torch.save(checkpoint, tmp_path / "bad.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--checkpoint", str(tmp_path / "bad.pt")])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "its weights are not finite" in err and "\n" not in err
+
+
 def test_self_saliency_reuses_the_key_pass(tmp_path, monkeypatch):
     passes = []
     feature_map = models.ResNetEncoder.feature_map
@@ -1437,6 +1466,16 @@ def test_the_progress_line_shows_only_the_shares_a_run_measures(tmp_path, capsys
     run_train(tmp_path, "--masking", "random", "--num-hard-negatives", "0", "--epochs", "1", "--max-steps", "1")
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch 1/1 step 1/1 "))
     assert " masked 0." in line and " fg " not in line and "nan" not in line       # random masks need no saliency
+
+
+def test_resume_keeps_the_complete_records_of_a_damaged_metrics_file(tmp_path, capsys):
+    run_train(tmp_path, "--epochs", "2", "--max-steps", "4")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + "\n" + '{"epoch": 2, "step": 5, "lo')     # a blank line, a cut one
+    capsys.readouterr()
+    run_train(tmp_path, "--epochs", "2", "--resume", "auto")
+    assert "2 damaged or blank line(s) dropped" in capsys.readouterr().err
+    assert sorted(losses_of(tmp_path / "run")) == list(range(1, 9))
 
 
 def test_resume_auto_starts_fresh_then_continues_and_drops_the_records_of_lost_steps(tmp_path):

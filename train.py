@@ -209,6 +209,8 @@ def check_args(p, args):
         value = getattr(args, name)
         if not (value > low if strict else value >= low):            # also refuses NaN
             p.error(f"--{name.replace('_', '-')} {value}: need a value {'>' if strict else '>='} {low}")
+        if math.isinf(value):                                         # inf weights in one step
+            p.error(f"--{name.replace('_', '-')} {value}: need a finite value")
     if args.moco_momentum > 1:
         p.error(f"--moco-momentum {args.moco_momentum}: need a value in [0, 1]")
     if args.warmup_epochs > args.epochs:
@@ -639,10 +641,21 @@ def lock_out_folder(out):
 def open_metrics(path, checkpoint):
     """metrics.jsonl for appending. A resumed run first drops the records written after its
     checkpoint (a killed run logs steps that the resumed run repeats); a fresh run starts it anew."""
-    kept = []
+    kept, damaged = [], 0
     if checkpoint and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line).get("step", 0) <= checkpoint["step"]]
+        with open(path, errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    step = record.get("step", 0)
+                except (ValueError, AttributeError):                  # cut short by a kill or a full disk, blank
+                    damaged += 1
+                    continue
+                if step <= checkpoint["step"]:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    if damaged:
+        print(f"note: {path}: {damaged} damaged or blank line(s) dropped (a write cut short by a kill or a "
+              f"full disk); the {len(kept)} complete records up to the checkpoint are kept", file=sys.stderr)
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -734,6 +747,8 @@ def run(args, checkpoint, train_set, steps_per_epoch, stop):
             metrics.flush()
 
     def save():
+        if not evaluate.finite_weights(model):       # never a checkpoint that cannot be used
+            stop_not_finite(args, step, "the weights are")
         models.average_running_stats(model)           # what one process with the whole batch holds
         rngs = [rng_state()]
         if world > 1:
@@ -859,9 +874,16 @@ def run(args, checkpoint, train_set, steps_per_epoch, stop):
 
 def stop_if_not_finite(args, step, loss):
     if not torch.isfinite(loss):
-        print(f"error: the loss is {loss.item()} at step {step}; stopped, the last good checkpoint "
-              f"{args.out}/last.pt is kept (try a lower --lr or --amp off)", file=sys.stderr)
-        sys.exit(1)
+        stop_not_finite(args, step, f"the loss is {loss.item()}")
+
+
+def stop_not_finite(args, step, what):
+    """Exit 1 without saving: a run whose loss or weights are NaN or inf."""
+    last_pt = os.path.join(args.out, "last.pt")
+    kept = f"the last good checkpoint {last_pt} is kept" if os.path.exists(last_pt) else "no checkpoint was written"
+    print(f"error: {what} not finite at step {step}; stopped, {kept} (try a lower --lr or --amp off)",
+          file=sys.stderr)
+    sys.exit(1)
 
 
 def monitoring_split(dataset):
