@@ -1508,7 +1508,9 @@ def unbroken_run(tmp_path_factory):
     return losses_of(out)
 
 
-@pytest.mark.parametrize("signum,workers", [(15, "0"), (2, "1")])     # SIGTERM (preemption); Ctrl-C with a worker
+# SIGTERM (preemption) to the whole job, without and with workers (they died of it and took the
+# run down unsaved); Ctrl-C with a worker
+@pytest.mark.parametrize("signum,workers", [(15, "0"), (15, "2"), (2, "1")])
 def test_a_signal_inside_an_epoch_saves_its_position_and_resume_auto_repeats_nothing(tmp_path, unbroken_run,
                                                                                     signum, workers):
     import os

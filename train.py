@@ -605,9 +605,12 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def ignore_sigint(worker_id):
-    """Loader workers leave Ctrl-C to the main process, which stops cleanly."""
+def ignore_stop_signals(worker_id):
+    """Loader workers leave Ctrl-C and SIGTERM to the main process, which stops cleanly: a
+    cluster's preemption signals every process of the job, and a worker that died of it
+    would take the main process down before it could save."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def lock_out_folder(out):
@@ -794,7 +797,7 @@ def run(args, checkpoint, train_set, steps_per_epoch, stop):
         batches = order[skip:][:(len(order) - skip) // args.batch_size * args.batch_size].view(-1, args.batch_size)
         loader = torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size // world, sampler=batches[:, rank::world].flatten().tolist(),
-            num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint,
+            num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         timer = SplitTimer(device)
         epoch_start = tick = time.perf_counter()
@@ -908,7 +911,7 @@ def knn_of_one_process(args, model, masker, device, split):
     train_set, test_set = data.eval_datasets(args.dataset, args.data_dir, args.image_size, split=split,
                                              shapes_size=tuple(args.shapes_size))
     loader = lambda d: torch.utils.data.DataLoader(d, batch_size=256, num_workers=args.workers,
-                                                   worker_init_fn=ignore_sigint)
+                                                   worker_init_fn=ignore_stop_signals)
     transform = masker.filter if args.high_pass == "on" else None
     train_features, train_labels = evaluate.extract_features(model.backbone, loader(train_set), device, transform=transform)
     test_features, test_labels = evaluate.extract_features(model.backbone, loader(test_set), device, transform=transform)
