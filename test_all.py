@@ -1541,24 +1541,28 @@ def test_save_every_checkpoints_inside_the_epoch(tmp_path, monkeypatch):
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_lives(tmp_path, capsys):
-    import subprocess
-    import sys
     (tmp_path / "run").mkdir()
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lock = tmp_path / "run" / "train.lock"
+    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, sys, time; fd = os.open({str(lock)!r}, "
+                               f"os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid 123 on "
+                               f"node7'); print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
-        (tmp_path / "run" / "train.lock").write_text(str(owner.pid))
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit) as stop:
             run_train(tmp_path, "--epochs", "1", "--max-steps", "1")
         err = capsys.readouterr().err.strip()
-        assert stop.value.code == 2 and f"another run (pid {owner.pid})" in err and "\n" not in err
+        assert stop.value.code == 2 and "another run (pid 123 on node7)" in err and "\n" not in err
     finally:
-        owner.kill()
-        owner.wait()
-    run_train(tmp_path, "--epochs", "1", "--max-steps", "1")          # its owner is gone: taken over
-    assert not (tmp_path / "run" / "train.lock").exists()             # and released at the end
-    (tmp_path / "run" / "train.lock").write_text("")                  # a writer that died before writing its pid
-    run_train(tmp_path, "--epochs", "1", "--max-steps", "2", "--resume", "auto")
-    assert not (tmp_path / "run" / "train.lock").exists()
+        holder.kill()
+        holder.wait()
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "1")          # its holder is gone: taken over
+    assert not lock.exists()                                          # and released at the end
+    # A lock file that names a live process, as a requeued job in a container finds its own
+    # PID 1 (it was refused forever), or is empty: nobody holds it, so it is free.
+    for text in (f"{os.getpid()}", "1", ""):
+        lock.write_text(text)
+        run_train(tmp_path, "--epochs", "1", "--max-steps", "2", "--resume", "auto")
+        assert not lock.exists()
 
 
 def test_a_failed_save_removes_its_temporary_file_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):

@@ -14,12 +14,14 @@ Writes OUT/metrics.jsonl, OUT/views_epochN.png and OUT/last.pt (atomically, ever
 """
 import argparse
 import contextlib
+import fcntl
 import inspect
 import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -614,31 +616,35 @@ def ignore_stop_signals(worker_id):
 
 
 def lock_out_folder(out):
-    """Take OUT/train.lock (it holds the pid of the run writing to OUT). A live owner: one line,
-    exit 2; a lock whose process is gone is taken over. Returns the function that releases it."""
+    """Hold OUT/train.lock for the run's life: an OS lock (fcntl.flock) that the kernel drops
+    when the process ends, however it ends, so a dead run's lock is free whatever its file
+    says (a requeued job in a container may find its old PID alive as another process), and
+    two live runs never both hold it. The file names its holder (pid and host) for the
+    message. A live holder: one line, exit 2. Returns the function that releases it."""
     path = os.path.join(out, "train.lock")
-    for _ in range(2):
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    owner = int(f.read().strip())                         # empty: its writer died at once
-                if owner <= 0:
-                    raise ValueError(owner)
-                os.kill(owner, 0)                                          # raises when it is gone
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)                                       # stale: take it over
-                continue
-            except PermissionError:                                       # alive, another user's
-                pass
-            evaluate.fail(f"--out {out}: another run (pid {owner}) is writing there; wait for it to end "
-                          f"or pick another --out")
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return lambda: os.path.exists(path) and os.remove(path)
-    evaluate.fail(f"--out {out}: could not take {path}; remove it if no run is writing there")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "starting"
+            os.close(fd)
+            evaluate.fail(f"--out {out}: another run ({holder}) is writing there; wait for it to end or pick "
+                          f"another --out")
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:          # not a file its last holder removed meanwhile
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+
+    def release():
+        with contextlib.suppress(OSError):
+            os.remove(path)                                           # while still held: see the inode check above
+        os.close(fd)
+    return release
 
 
 def open_metrics(path, checkpoint):
