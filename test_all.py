@@ -1468,6 +1468,25 @@ def test_the_progress_line_shows_only_the_shares_a_run_measures(tmp_path, capsys
     assert " masked 0." in line and " fg " not in line and "nan" not in line       # random masks need no saliency
 
 
+def test_a_resume_writes_only_into_its_checkpoints_folder_or_an_empty_one(tmp_path, capsys):
+    """`--resume runs/b/last.pt --out runs/a` replaced a's checkpoint with b's run and mixed
+    their metrics."""
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "1", out="a")
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "1", "--framework", "simclr", out="b")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_train(tmp_path, "--framework", "simclr", "--epochs", "1", "--resume", str(tmp_path / "b" / "last.pt"), out="a")
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "holds another run" in err and "\n" not in err
+    assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == before
+    (tmp_path / "c").mkdir()                                          # an empty folder takes it
+    assert run_train(tmp_path, "--framework", "simclr", "--epochs", "1", "--max-steps", "2", "--resume",
+                     str(tmp_path / "b" / "last.pt"), out="c")["step"] == 2
+    args = train.parse_args(["--framework", "simclr", "--resume", str(tmp_path / "b" / "last.pt")])
+    assert args.out == str(tmp_path / "b")                            # no --out: where it came from
+
+
 def test_resume_keeps_the_complete_records_of_a_damaged_metrics_file(tmp_path, capsys):
     run_train(tmp_path, "--epochs", "2", "--max-steps", "4")
     metrics = tmp_path / "run" / "metrics.jsonl"

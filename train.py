@@ -118,7 +118,8 @@ def parse_args(argv=None):
            "cores from the model; else min(8, cores / 2))")
     a("--seed", type=int, default=0)
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    a("--out", default=None, help="output folder (default runs/DATASET-FRAMEWORK)")
+    a("--out", default=None, help="output folder (default: with --resume PATH the checkpoint's folder, else "
+                                  "runs/DATASET-FRAMEWORK)")
     a("--resume", default=None,
       help="a last.pt to continue from (the same flags, but for where and how it runs); 'auto': "
            "OUT/last.pt when it exists, else start (a requeued job needs no edit)")
@@ -161,7 +162,8 @@ def fill_defaults(args):
     default("lr", 0.06 * args.batch_size / (128 if shapes else 512) if small else 0.03 * args.batch_size / 256)
     default("warmup_epochs", 1.0 if shapes else 0.0)
     default("weight_decay", 5e-4 if small else 1e-4)
-    default("out", os.path.join("runs", f"{args.dataset}-{args.framework}"))
+    resumed_from = os.path.dirname(args.resume) or "." if args.resume not in (None, "auto") else None
+    default("out", resumed_from or os.path.join("runs", f"{args.dataset}-{args.framework}"))
     if args.resume == "auto":                                         # under torchrun process 0's decision holds
         args.resume = os.path.join(args.out, "last.pt") if os.path.isfile(os.path.join(args.out, "last.pt")) else None
     # Small images: 8 (MoCo's CIFAR demo). Large: the fewest sub-batches of at most 32 images (the
@@ -187,15 +189,20 @@ def fill_defaults(args):
     default("workers", 0 if args.device == "cpu" and cores <= 4 else min(8, cores // 2))
 
 
-def saved_flag(checkpoint_path, flag):
-    """A flag of the run that wrote `checkpoint_path` (None: no such file, flag or readable file;
-    the checkpoint's own load reports that in one line)."""
+def saved_args(checkpoint_path):
+    """The flags of the run that wrote `checkpoint_path`, a dict (None: no such file, or not a
+    readable checkpoint; its own load reports that in one line)."""
     if not checkpoint_path:
         return None
     try:
-        return evaluate.read_checkpoint(checkpoint_path, mmap=True)["args"].get(flag)
-    except (evaluate.CheckpointError, AttributeError):
+        saved = evaluate.read_checkpoint(checkpoint_path, mmap=True)["args"]
+    except evaluate.CheckpointError:
         return None
+    return saved if isinstance(saved, dict) else None
+
+
+def saved_flag(checkpoint_path, flag):
+    return (saved_args(checkpoint_path) or {}).get(flag)
 
 
 # (flag, the smallest value it takes, whether that bound is excluded): values outside their meaning
@@ -275,6 +282,10 @@ def check_args(p, args):
         p.error(f"--saliency self: the encoder's last feature map is {side}x{side} at --image-size "
                 f"{args.image_size} with --stem {args.stem}, which cannot say where the object is; "
                 f"use {'--stem cifar or ' * (args.stem == 'imagenet')}{larger}")
+    if args.resume and os.path.realpath(os.path.dirname(args.resume) or ".") != os.path.realpath(args.out) \
+            and os.path.isdir(args.out) and os.listdir(args.out) and saved_args(args.resume) is not None:
+        p.error(f"--resume {args.resume} would write into --out {args.out}, which holds another run: resume into "
+                f"the checkpoint's own folder (leave out --out) or an empty --out")
     if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
         p.error(f"{args.out}/last.pt exists: continue it with --resume auto (or --resume {args.out}/last.pt), "
                 f"or pick another --out")
