@@ -344,7 +344,9 @@ def main(argv=None):
                         help="what kNN and the probe are tested on: test (reported results) or val (shapes "
                              "only: monitoring and tuning, so that the test split is read once)")
     parser.add_argument("--knn-k", type=int, default=200)
-    parser.add_argument("--saliency-weights", default=None, help="ResNet-50 state_dict for the pretrained source")
+    parser.add_argument("--saliency-weights", default=None,
+                        help="ResNet-50 state_dict: also measure the pretrained source's saliency quality "
+                             "(nothing is downloaded)")
     args = parser.parse_args(argv)
     for flag, value in (("--knn-k", args.knn_k), ("--probe-epochs", args.probe_epochs), ("--epochs", args.epochs),
                         ("--image-size", args.image_size)):
@@ -426,11 +428,14 @@ def main(argv=None):
         else:
             results["self_saliency"] = (f"not measured: the encoder's last feature map is {side}x{side} "
                                         f"at {train_args.image_size} px with the {train_args.stem} stem")
-        try:
-            sources["pretrained"] = saliency.Saliency("pretrained", train_args.grid,
-                                                      weights=args.saliency_weights).to(device)
-        except RuntimeError as error:
-            results["pretrained_saliency"] = f"not measured: {error}"
+        if args.saliency_weights is None:                           # never a download unless asked for
+            results["pretrained_saliency"] = "not measured: pass --saliency-weights PATH (a ResNet-50 state_dict)"
+        else:
+            try:
+                sources["pretrained"] = saliency.Saliency("pretrained", train_args.grid,
+                                                          weights=args.saliency_weights).to(device)
+            except RuntimeError as error:
+                results["pretrained_saliency"] = f"not measured: {error}"
         results["saliency_quality"] = saliency_quality(sources, loader(test_set), device, train_args.grid,
                                                        encoder=model.saliency_encoder.to(device).eval(),
                                                        transform=transform)

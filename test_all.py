@@ -1602,9 +1602,13 @@ def test_a_failed_save_removes_its_temporary_file_and_keeps_the_last_checkpoint(
     assert not (tmp_path / "run" / "last.pt.tmp").exists() and not (tmp_path / "run" / "train.lock").exists()
 
 
-def test_evaluate_reads_everything_from_the_checkpoint(tmp_path):
+def test_evaluate_reads_everything_from_the_checkpoint(tmp_path, monkeypatch):
     run_train(tmp_path, "--epochs", "1", "--augment", "torchvision")       # the reference augmentation
+    def no_download(weights_path=None):                               # a stalled proxy hung evaluate.py here
+        raise AssertionError("evaluate.py asked for the ImageNet weights, which nobody gave it")
+    monkeypatch.setattr(saliency, "load_resnet50_trunk", no_download)
     results = evaluate.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--probe-epochs", "3"])
+    assert "--saliency-weights" in results["pretrained_saliency"]
     final = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r.get("final")][-1]
     assert results["knn_top1"] == round(final["knn_top1"], 2) and results["split"] == "test"   # the weights, the filter
     assert 0 <= results["linear_top1"] <= 100
