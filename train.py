@@ -13,11 +13,13 @@ salient patches masked -> the framework's loss (SPEC.md sections 2-4).
 Writes OUT/metrics.jsonl, OUT/views_epochN.png and OUT/last.pt (atomically, every epoch).
 """
 import argparse
+import atexit
 import contextlib
 import fcntl
 import inspect
 import json
 import math
+import multiprocessing.util
 import os
 import random
 import signal
@@ -624,6 +626,20 @@ def ignore_stop_signals(worker_id):
     would take the main process down before it could save."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register            # runs before multiprocessing's own exit handler, registered at its import
+def end_loader_workers():
+    """At exit, end the loader workers that are still alive with SIGKILL. Python ends daemonic
+    children with SIGTERM, which ours ignore, and then waits for them: a loader that an error
+    left running (its iterator held by the traceback) hung the process after its one-line error.
+    The loader's SIGCHLD handler would report these deaths as a crash: it goes first."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in workers:
+        child.kill()
+        child.join()
 
 
 def lock_out_folder(out):
