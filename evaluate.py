@@ -250,14 +250,18 @@ def code_commit():
         return "unknown"
 
 
-def supervised_baseline(dataset="shapes", *, arch="resnet18", image_size=32, epochs=5, batch_size=128,
-                        lr=0.1, device="cpu", shapes_size=(20000, 5000), seed=0):
+def supervised_baseline(dataset="shapes", *, arch="resnet18", stem="imagenet", image_size=32, epochs=5,
+                        batch_size=128, lr=0.1, device="cpu", shapes_size=(20000, 5000), seed=0, save_weights=None):
     """How hard a dataset is: a ResNet trained with labels (MoCo v2 augmentation, SGD,
     cosine), then its test top-1 (%) and the kNN top-1 (%) of its features and of a
-    random-init encoder of the same architecture."""
+    random-init encoder of the same architecture.
+
+    `save_weights`: also write the trained network as a torchvision ResNet state_dict (with
+    `fc`; conv1 3x3 for the CIFAR stem), which `--saliency pretrained --saliency-weights`
+    reads: a saliency network trained with labels, as the paper's ImageNet ResNet-50 was."""
     torch.manual_seed(seed)
-    encoder = models.ResNetEncoder(arch, cifar_stem=False).to(device)     # the train.py default stem
-    random_encoder = models.ResNetEncoder(arch, cifar_stem=False).to(device)
+    encoder = models.ResNetEncoder(arch, cifar_stem=stem == "cifar").to(device)
+    random_encoder = models.ResNetEncoder(arch, cifar_stem=stem == "cifar").to(device)
     classifier = torch.nn.Linear(encoder.out_dim, 10).to(device)
     train_views = data.pretrain_dataset(dataset, image_size=image_size, shapes_size=shapes_size)
     loader = torch.utils.data.DataLoader(train_views, batch_size=batch_size, shuffle=True, drop_last=True)
@@ -273,7 +277,12 @@ def supervised_baseline(dataset="shapes", *, arch="resnet18", image_size=32, epo
             scheduler.step()
     train_set, test_set = data.eval_datasets(dataset, image_size=image_size, shapes_size=shapes_size)
     plain = lambda d: torch.utils.data.DataLoader(d, batch_size=256)
-    results = {"arch": arch, "image_size": image_size, "epochs": epochs}
+    if save_weights:
+        state = {name.removeprefix("trunk."): tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}
+        state.update({f"fc.{name}": tensor.detach().cpu() for name, tensor in classifier.state_dict().items()})
+        torch.save(state, save_weights + ".tmp")
+        os.replace(save_weights + ".tmp", save_weights)
+    results = {"arch": arch, "stem": stem, "image_size": image_size, "epochs": epochs}
     encoder.eval()
     with torch.no_grad():
         correct = sum(int((classifier(encoder(batch[0].to(device))).argmax(1).cpu() == batch[-1]).sum())
@@ -327,6 +336,12 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=None,
                         help="view size (default: the checkpoint's; 32 with --supervised)")
     parser.add_argument("--epochs", type=int, default=5, help="with --supervised")
+    parser.add_argument("--arch", choices=models.ARCHS, default="resnet18", help="with --supervised")
+    parser.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet",
+                        help="with --supervised (cifar: a 4x4 last map at 32 px, for SCDA saliency)")
+    parser.add_argument("--save-weights", metavar="PATH",
+                        help="with --supervised: write the network as a torchvision ResNet state_dict, for "
+                             "train.py --saliency pretrained --saliency-weights PATH")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--export", metavar="PATH", help="only write the backbone to PATH (see --export-layout)")
     parser.add_argument("--export-layout", choices=EXPORT_LAYOUTS, default="torchvision",
@@ -345,7 +360,7 @@ def main(argv=None):
                              "only: monitoring and tuning, so that the test split is read once)")
     parser.add_argument("--knn-k", type=int, default=200)
     parser.add_argument("--saliency-weights", default=None,
-                        help="ResNet-50 state_dict: also measure the pretrained source's saliency quality "
+                        help="a torchvision ResNet state_dict: also measure the pretrained source's saliency quality "
                              "(nothing is downloaded)")
     args = parser.parse_args(argv)
     for flag, value in (("--knn-k", args.knn_k), ("--probe-epochs", args.probe_epochs), ("--epochs", args.epochs),
@@ -358,8 +373,15 @@ def main(argv=None):
         fail(f"--device {args.device}: use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no GPU is visible; use --device cpu")
+    if args.save_weights and not args.supervised:
+        fail("--save-weights writes the network of --supervised: add --supervised")
     if args.supervised:
-        results = supervised_baseline(image_size=args.image_size or 32, epochs=args.epochs, device=device)
+        if args.save_weights:                                         # before the training, not after it
+            folder = os.path.dirname(os.path.abspath(args.save_weights))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                fail(f"--save-weights {args.save_weights}: cannot write into {folder}; pick another path")
+        results = supervised_baseline(arch=args.arch, stem=args.stem, image_size=args.image_size or 32,
+                                      epochs=args.epochs, device=device, save_weights=args.save_weights)
         print(json.dumps(results, indent=2))
         return results
     if not args.checkpoint:
@@ -429,7 +451,7 @@ def main(argv=None):
             results["self_saliency"] = (f"not measured: the encoder's last feature map is {side}x{side} "
                                         f"at {train_args.image_size} px with the {train_args.stem} stem")
         if args.saliency_weights is None:                           # never a download unless asked for
-            results["pretrained_saliency"] = "not measured: pass --saliency-weights PATH (a ResNet-50 state_dict)"
+            results["pretrained_saliency"] = "not measured: pass --saliency-weights PATH (a torchvision ResNet state_dict)"
         else:
             try:
                 sources["pretrained"] = saliency.Saliency("pretrained", train_args.grid,

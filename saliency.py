@@ -4,7 +4,8 @@ SPEC.md section 2. A saliency map `[B, h, w]` is average-pooled to `g x g` patch
 and a patch is foreground when its score is at least `mean - 0.6 * std` of its image's
 scores. Four sources of saliency, chosen with `--saliency` in train.py:
 
-    pretrained  SCDA on a frozen ImageNet ResNet-50 (the paper)
+    pretrained  SCDA on a frozen supervised ResNet: ImageNet's ResNet-50 (the paper), or any
+                torchvision ResNet state_dict (--saliency-weights)
     self        SCDA on the model's own momentum / target encoder (no external weights)
     spectral    spectral-residual saliency (Hou & Zhang, CVPR 2007), training-free
     gt          the true object masks of the synthetic `shapes` data (an oracle)
@@ -189,72 +190,111 @@ OFFLINE_HINT = ("download the torchvision ResNet-50 ImageNet weights on a machin
                 "internet and pass --saliency-weights PATH, or use an offline source: "
                 "--saliency self | spectral | gt")
 
+# (bottleneck blocks, blocks per stage) -> torchvision architecture
+RESNETS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34", (True, (3, 4, 6, 3)): "resnet50",
+           (True, (3, 4, 23, 3)): "resnet101", (True, (3, 8, 36, 3)): "resnet152"}
 
-def load_resnet50_trunk(weights_path=None):
-    """A frozen torchvision ResNet-50 without avgpool and fc, in eval mode.
 
-    `weights_path`: a local state_dict (a plain torchvision ResNet-50 state_dict; a
-    `{"state_dict": ...}` wrapper, `module.` prefixes and missing `num_batches_tracked`
-    buffers are accepted). None: torchvision's
-    `ResNet50_Weights.IMAGENET1K_V2`, from the torch hub cache or downloaded. Any failure
-    raises one `RuntimeError` that says what to do.
+def read_state_dict(weights_path):
+    """A local state_dict, unwrapped (`{"state_dict": ...}`, `module.` prefixes), or one
+    RuntimeError that says what to do."""
+    if not os.path.isfile(weights_path):
+        raise RuntimeError(f"--saliency-weights {weights_path}: no such file; {OFFLINE_HINT}")
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise RuntimeError(f"--saliency-weights {weights_path}: not a readable torch state_dict "
+                           f"({type(error).__name__}); save one with "
+                           f"torch.save(resnet50(...).state_dict(), PATH)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise RuntimeError(f"--saliency-weights {weights_path}: not a state_dict (a {type(state).__name__})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def resnet_of(state):
+    """`(arch, cifar_stem)` of a torchvision-layout ResNet state_dict, read off its keys
+    (bottleneck blocks have `conv3`; blocks per stage) and its first convolution (3x3: the
+    CIFAR stem of models.py, 7x7: ImageNet's); None for anything else."""
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{t}.")}) for t in (1, 2, 3, 4))
+    arch = RESNETS.get(("layer1.0.conv3.weight" in state, blocks))
+    conv1 = state.get("conv1.weight")
+    if arch is None or not isinstance(conv1, torch.Tensor) or conv1.dim() != 4:
+        return None
+    return arch, conv1.shape[-1] == 3
+
+
+def load_trunk(weights_path=None):
+    """A frozen torchvision ResNet without avgpool and fc, in eval mode, and whether it has
+    the CIFAR stem: `(trunk, cifar_stem)`.
+
+    `weights_path`: a local torchvision-layout state_dict of any torchvision ResNet (18 to
+    152), with the ImageNet stem or the CIFAR one (`evaluate.py --supervised --save-weights`
+    writes either); the architecture and stem are read off the file. A `{"state_dict": ...}`
+    wrapper, `module.` prefixes and missing `num_batches_tracked` buffers are accepted. None:
+    torchvision's `ResNet50_Weights.IMAGENET1K_V2` (the paper's network), from the torch hub
+    cache or downloaded. Any failure raises one `RuntimeError` that says what to do.
     """
-    from torchvision.models import ResNet50_Weights, resnet50
+    import torchvision
 
-    net = resnet50(weights=None)
     if weights_path is None:
         try:
-            state = ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
+            state = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
         except Exception as error:                                    # no network, bad cache, ...
             raise RuntimeError(f"--saliency pretrained: could not get the ImageNet ResNet-50 "
                                f"weights ({type(error).__name__}: {error}); {OFFLINE_HINT}") from None
     else:
-        if not os.path.isfile(weights_path):
-            raise RuntimeError(f"--saliency-weights {weights_path}: no such file; {OFFLINE_HINT}")
-        try:
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise RuntimeError(f"--saliency-weights {weights_path}: not a readable torch state_dict "
-                               f"({type(error).__name__}); save one with "
-                               f"torch.save(resnet50(...).state_dict(), PATH)") from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        state = {k.removeprefix("module."): v for k, v in state.items()} if isinstance(state, dict) else state
+        state = read_state_dict(weights_path)
+    found = resnet_of(state)
+    if found is None:
+        raise RuntimeError(f"--saliency-weights {weights_path}: not a torchvision ResNet state_dict (no conv1 and "
+                           f"layer1-4 of ResNet-18, 34, 50, 101 or 152)")
+    arch, cifar_stem = found
+    net = getattr(torchvision.models, arch)(weights=None)
+    if cifar_stem:                                                    # as models.ResNetEncoder builds it
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
     # `num_batches_tracked` is a counter, not a weight: older torchvision files and most
     # converted checkpoints lack it, and load_state_dict accepts them without it.
     trunk_keys = {k for k in net.state_dict() if not k.startswith("fc.")}
-    required = {k for k in trunk_keys if not k.endswith("num_batches_tracked")}
-    missing = sorted(required - set(state)) if isinstance(state, dict) else ["<not a dict>"]
+    missing = sorted(k for k in trunk_keys - set(state) if not k.endswith("num_batches_tracked"))
     if missing:
-        raise RuntimeError(f"--saliency-weights {weights_path}: not a torchvision ResNet-50 state_dict "
+        raise RuntimeError(f"--saliency-weights {weights_path}: not a whole torchvision {arch} state_dict "
                            f"({len(missing)} trunk weights missing, e.g. {missing[0]})")
     try:
         net.load_state_dict({k: state[k] for k in trunk_keys if k in state}, strict=False)
     except RuntimeError as error:                                     # shape mismatch
-        raise RuntimeError(f"--saliency-weights {weights_path}: weights do not fit a ResNet-50 "
+        raise RuntimeError(f"--saliency-weights {weights_path}: weights do not fit a {arch} "
                            f"({str(error).splitlines()[-1].strip()})") from None
     trunk = nn.Sequential(*list(net.children())[:-2])                 # drop avgpool and fc
-    return trunk.eval().requires_grad_(False)
+    return trunk.eval().requires_grad_(False), cifar_stem
 
 
 class Saliency(nn.Module):
     """Maps a batch of views to foreground patches, `[B, 3, H, W] -> bool [B, grid*grid]`.
 
-    `source`: one of `SOURCES`. `weights`: local state_dict for `pretrained` (None: torchvision's
-    ImageNet weights). `input_size`: views smaller than this are resized up (shorter side) before
-    the pretrained network, which was trained at 224 px. Views are expected normalised with
-    the ImageNet mean and std, as data.py does.
+    `source`: one of `SOURCES`. `weights`: local state_dict for `pretrained`, any torchvision
+    ResNet with either stem (None: torchvision's ImageNet ResNet-50). `input_size`: views
+    smaller than this are resized up (shorter side) before the pretrained network; default
+    224 for an ImageNet-stem network (trained at 224 px, as the paper's), none for a CIFAR-stem
+    one (trained at the views' own size). Views are expected normalised with the ImageNet
+    mean and std, as data.py does.
 
     Call as `sal(views)`, `sal(views, encoder=model.saliency_encoder)` for `self` (any module
     with a `feature_map(x)` method), `sal(views, masks=masks)` for `gt` (`[B, H, W]` object masks).
     """
 
-    def __init__(self, source, grid=7, *, weights=None, input_size=224, std_factor=0.6):
+    def __init__(self, source, grid=7, *, weights=None, input_size=None, std_factor=0.6):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"unknown saliency source {source!r}; choose one of {', '.join(SOURCES)}")
         self.source, self.grid, self.input_size, self.std_factor = source, grid, input_size, std_factor
-        self.trunk = load_resnet50_trunk(weights) if source == "pretrained" else None
+        self.trunk = None
+        if source == "pretrained":
+            self.trunk, cifar_stem = load_trunk(weights)
+            if input_size is None:
+                self.input_size = 0 if cifar_stem else 224
 
     def train(self, mode=True):                                       # the trunk stays frozen in eval
         super().train(mode)

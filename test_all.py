@@ -209,8 +209,8 @@ def test_pretrained_weights_without_num_batches_tracked_load(resnet50_weights, t
     state = torch.load(resnet50_weights, weights_only=True)           # older torchvision files lack the counters
     path = tmp_path / "old.pth"
     torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
-    trunk = saliency.load_resnet50_trunk(str(path))
-    assert torch.equal(trunk[1].running_var, state["bn1.running_var"])
+    trunk, cifar_stem = saliency.load_trunk(str(path))
+    assert torch.equal(trunk[1].running_var, state["bn1.running_var"]) and not cifar_stem
 
 
 def test_pretrained_saliency_bad_weights_give_one_clear_error(tmp_path):
@@ -220,9 +220,47 @@ def test_pretrained_saliency_bad_weights_give_one_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="not a readable"):
         saliency.Saliency("pretrained", weights=str(tmp_path / "junk.pth"))
     from torchvision.models import resnet18
-    torch.save(resnet18().state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(RuntimeError, match="not a torchvision ResNet-50|do not fit"):
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "stem.pth")
+    with pytest.raises(RuntimeError, match="not a torchvision ResNet state_dict"):
+        saliency.Saliency("pretrained", weights=str(tmp_path / "stem.pth"))
+    state = resnet18().state_dict()
+    del state["layer2.0.conv1.weight"]
+    torch.save(state, tmp_path / "r18.pth")
+    with pytest.raises(RuntimeError, match="not a whole torchvision resnet18 .*layer2.0.conv1.weight"):
         saliency.Saliency("pretrained", weights=str(tmp_path / "r18.pth"))
+    state = resnet18().state_dict()
+    state["layer2.0.conv1.weight"] = torch.zeros(128, 64, 1, 1)
+    torch.save(state, tmp_path / "r18.pth")
+    with pytest.raises(RuntimeError, match="do not fit a resnet18"):
+        saliency.Saliency("pretrained", weights=str(tmp_path / "r18.pth"))
+
+
+def test_a_supervised_network_saved_here_is_a_saliency_network(tmp_path, capsys):
+    """`evaluate.py --supervised --save-weights` writes a whole torchvision ResNet (with fc);
+    `--saliency pretrained` reads its architecture and stem off the file and, for the CIFAR
+    stem, sees the views at their own size (a 4x4 map at 32 px, where the ImageNet stem and
+    224 px would take 49 times the work)."""
+    from torchvision.models import resnet18
+    path = str(tmp_path / "supervised.pth")
+    evaluate.supervised_baseline(stem="cifar", image_size=32, epochs=1, batch_size=16, shapes_size=(32, 16),
+                                 save_weights=path)
+    net = resnet18(num_classes=10)
+    net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    net.load_state_dict(torch.load(path, weights_only=True))          # strict: every key, fc included
+    sal = saliency.Saliency("pretrained", 7, weights=path)
+    views = torch.randn(2, 3, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        scda = net.layer4(net.layer3(net.layer2(net.layer1(net.relu(net.bn1(net.conv1(views))))))).clamp_min(0).sum(1)
+    assert scda.shape == (2, 4, 4)
+    torch.testing.assert_close(sal.saliency_map(views), scda)
+    with pytest.raises(SystemExit) as stop:                         # refused before any training
+        evaluate.main(["--supervised", "--save-weights", str(tmp_path / "no" / "such" / "w.pth")])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "cannot write into" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--save-weights", path])
+    assert "add --supervised" in capsys.readouterr().err
 
 
 def test_pretrained_saliency_offline_names_the_fix(monkeypatch):
@@ -1609,7 +1647,7 @@ def test_evaluate_reads_everything_from_the_checkpoint(tmp_path, monkeypatch):
     run_train(tmp_path, "--epochs", "1", "--augment", "torchvision")       # the reference augmentation
     def no_download(weights_path=None):                               # a stalled proxy hung evaluate.py here
         raise AssertionError("evaluate.py asked for the ImageNet weights, which nobody gave it")
-    monkeypatch.setattr(saliency, "load_resnet50_trunk", no_download)
+    monkeypatch.setattr(saliency, "load_trunk", no_download)
     results = evaluate.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--probe-epochs", "3"])
     assert "--saliency-weights" in results["pretrained_saliency"]
     final = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r.get("final")][-1]

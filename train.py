@@ -79,7 +79,9 @@ def parse_args(argv=None):
       help="saliency: the paper's balanced masking; random: uniform masking; none: the plain framework")
     a("--saliency", choices=saliency.SOURCES, default="spectral",
       help="where foreground comes from; paper: pretrained (needs weights, see --saliency-weights)")
-    a("--saliency-weights", default=None, help="local torchvision ResNet-50 state_dict for --saliency pretrained")
+    a("--saliency-weights", default=None,
+      help="local torchvision ResNet state_dict for --saliency pretrained (the paper's: ImageNet's ResNet-50; "
+           "evaluate.py --supervised --save-weights writes one)")
     a("--strategy", choices=masking.STRATEGIES, default="hp", help="fill of masked patches (paper's best: hp)")
     a("--high-pass", choices=["auto", "on", "off"], default="auto",
       help="high-pass filter every view the encoders see, and the evaluation inputs; auto: on for "
