@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -61,20 +62,26 @@ def make_shapes(num_images, image_size=64, seed=0, *, chunk=1000):
     g = torch.Generator().manual_seed(seed)
     images, masks, labels = [], [], []
     for start in range(0, num_images, chunk):
-        n = min(chunk, num_images - start)
-        label = torch.randint(len(SHAPE_CLASSES), (n,), generator=g)
-        mask = _shape_masks(label, image_size, g)
-        object_colour = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
-        tint = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
-        texture = _texture(n, image_size, g, cells=4)                 # [n, 1, S, S] luminance
-        background = (0.45 + 0.2 * texture) * (0.5 + 0.5 * tint)
-        shading = 0.8 + 0.4 * _texture(n, image_size, g)
-        image = torch.where(mask[:, None], object_colour * shading, background)
-        image = image + 0.03 * torch.randn(image.shape, generator=g)
-        images.append((image.clamp(0, 1) * 255).round().to(torch.uint8))
+        label = torch.randint(len(SHAPE_CLASSES), (min(chunk, num_images - start),), generator=g)
+        image, mask = _draw_shapes(label, image_size, g)
+        images.append(image)
         masks.append(mask)
         labels.append(label)
     return torch.cat(images), torch.cat(masks), torch.cat(labels)
+
+
+def _draw_shapes(label, size, g):
+    """Images uint8 `[n, 3, S, S]` and masks bool `[n, S, S]` of the shapes `label` `[n]`."""
+    n = len(label)
+    mask = _shape_masks(label, size, g)
+    object_colour = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
+    tint = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
+    texture = _texture(n, size, g, cells=4)                           # [n, 1, S, S] luminance
+    background = (0.45 + 0.2 * texture) * (0.5 + 0.5 * tint)
+    shading = 0.8 + 0.4 * _texture(n, size, g)
+    image = torch.where(mask[:, None], object_colour * shading, background)
+    image = image + 0.03 * torch.randn(image.shape, generator=g)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), mask
 
 
 def _texture(n, size, g, cells=8):
@@ -322,6 +329,84 @@ def load_split(name, data_dir, split, *, image_size=64, download=False, shapes_s
         images, labels = (load_caltech101 if name == "caltech101" else load_flowers102)(data_dir, train, download)
         return images, None, labels
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS + TRANSFER)}")
+
+
+# ----------------------------------------------------------------------------- an ImageNet-like folder
+
+def shapes_image(label, width, height, g):
+    """One `shapes` image of class `label`, drawn at `max(width, height)` px and resized to
+    `height x width` (antialiased): uint8 `[3, height, width]`."""
+    image, _ = _draw_shapes(torch.tensor([label]), max(width, height), g)
+    image = F.interpolate(image.float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return image[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def write_shapes_folder(root, images=(1300, 500), *, sizes=(160, 500), quality=90, seed=0):
+    """Write `shapes` as an ImageNet-like folder of JPEGs: `root/train/<class>/*.jpg` and
+    `root/val/<class>/*.jpg` (`images` train and val images in all, the classes in turn, so
+    at least 10 each for every class to have one: ImageFolder refuses an empty one), each with a longer
+    side drawn from `sizes` px and an aspect ratio from 3/4 to 4/3, JPEG quality `quality`:
+    ImageNet's sizes and format, for `--dataset imagefolder` with no download. The object
+    masks are not written (ImageFolder has nowhere to keep them): `--saliency gt` needs the
+    in-memory `shapes`. Val draws its images like `shapes`' test split, from its own seeds.
+    The folder appears whole or not at all (written beside it, then renamed)."""
+    from PIL import Image
+    if os.path.exists(root):
+        raise DataError(f"{root} exists: pick another folder, or remove it to write it again")
+    tmp = root.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)                            # a stopped earlier try
+    try:
+        for split, count in zip(("train", "val"), images):
+            g = torch.Generator().manual_seed(seed * 1000 + SHAPES_SEEDS["train" if split == "train" else "test"])
+            for name in SHAPE_CLASSES:
+                os.makedirs(os.path.join(tmp, split, name))
+            for i in range(count):
+                side = int(torch.randint(sizes[0], sizes[1] + 1, (), generator=g))
+                ratio = math.exp(math.log(3 / 4) + math.log(16 / 9) * float(torch.rand((), generator=g)))
+                width, height = (side, round(side / ratio)) if ratio >= 1 else (round(side * ratio), side)
+                image = shapes_image(i % len(SHAPE_CLASSES), width, height, g)
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(
+                    os.path.join(tmp, split, SHAPE_CLASSES[i % len(SHAPE_CLASSES)], f"{split}_{i:06d}.jpg"),
+                    quality=quality)
+    except BaseException as error:                                    # a full disk, Ctrl-C: nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise DataError(f"writing {root}: {error.strerror or error}; free some space or pick another "
+                            f"folder") from None
+        raise
+    os.replace(tmp, root)
+
+
+def main(argv=None):
+    """`python data.py --jpeg-folder DIR`: write `shapes` as JPEGs at ImageNet's sizes."""
+    import argparse
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.error = lambda message: sys.exit(f"error: {message} (see python data.py --help)")
+    parser.add_argument("--jpeg-folder", metavar="DIR", required=True,
+                        help="write DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg (write_shapes_folder)")
+    parser.add_argument("--images", type=int, nargs=2, default=(1300, 500), metavar=("TRAIN", "VAL"),
+                        help="images per split, all classes together (default 1300 500: 130 and 50 per class)")
+    parser.add_argument("--sizes", type=int, nargs=2, default=(160, 500), metavar=("MIN", "MAX"),
+                        help="the longer side's range in px (default 160 500, about ImageNet's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if min(args.images) < len(SHAPE_CLASSES):
+        parser.error(f"--images {' '.join(map(str, args.images))}: need at least {len(SHAPE_CLASSES)} per split "
+                     f"(one per class)")
+    if not 8 <= args.sizes[0] <= args.sizes[1]:
+        parser.error(f"--sizes {' '.join(map(str, args.sizes))}: need 8 <= MIN <= MAX")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: need a value >= 0")
+    try:
+        write_shapes_folder(args.jpeg_folder, tuple(args.images), sizes=tuple(args.sizes), seed=args.seed)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {sum(args.images)} JPEGs to {args.jpeg_folder}: train it with python train.py --dataset "
+          f"imagefolder --data-dir {args.jpeg_folder}")
+
+
+if __name__ == "__main__":
+    main()
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -1160,6 +1160,61 @@ def test_an_unreadable_image_is_named_in_one_line_and_the_run_exits(tmp_path):
     assert done.returncode == 2 and "class1/3.png" in err and "remove or replace it" in err and "\n" not in err
 
 
+def test_the_jpeg_folder_is_imagenet_like_and_appears_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    root = tmp_path / "jpegs"
+    data.main(["--jpeg-folder", str(root), "--images", "20", "10", "--sizes", "160", "240"])
+    for split, count in (("train", 20), ("val", 10)):
+        files = sorted((root / split).glob("*/*.jpg"))
+        assert len(files) == count and {f.parent.name for f in files} == set(data.SHAPE_CLASSES)   # every class
+        for f in files[:4]:
+            with Image.open(f) as image:
+                assert image.format == "JPEG" and 160 <= max(image.size) <= 240 and image.mode == "RGB"
+                assert 3 / 4 - 0.01 <= image.size[0] / image.size[1] <= 4 / 3 + 0.01
+    folder = data.load_imagefolder(str(root), "val")
+    assert folder.classes == sorted(data.SHAPE_CLASSES) and len(folder) == 10
+    with pytest.raises(SystemExit) as stop:
+        data.main(["--jpeg-folder", str(root)])
+    assert "exists" in str(stop.value.code) and "\n" not in str(stop.value.code)
+    saved = []
+
+    def full_disk(self, path, **kwargs):
+        if len(saved) == 3:
+            raise OSError(28, "No space left on device")
+        saved.append(path)
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(data.DataError, match="No space left on device"):
+        data.write_shapes_folder(str(tmp_path / "full"), (10, 10))
+    assert sorted(os.listdir(tmp_path)) == ["jpegs"]                   # neither full nor full.tmp
+
+
+def test_the_papers_recipe_trains_on_a_jpeg_folder_with_saliency_from_a_local_file(tmp_path, monkeypatch):
+    """ResNet-50, 224 px, an ImageFolder of JPEGs, SCDA saliency from a local state_dict, the
+    hard negative, hp, 4 BatchNorm groups and the 224-px defaults: two steps on the CPU."""
+    from torchvision.models import resnet18
+    data.write_shapes_folder(str(tmp_path / "jpegs"), (16, 10), sizes=(160, 240))
+    torch.manual_seed(0)
+    torch.save(resnet18().state_dict(), tmp_path / "saliency.pth")   # any torchvision ResNet serves
+    loaded = []
+    load_trunk = saliency.load_trunk
+    monkeypatch.setattr(saliency, "load_trunk", lambda path=None: loaded.append(path) or load_trunk(path))
+    result = train.main(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "jpegs"), "--arch", "resnet50",
+                         "--image-size", "224", "--batch-size", "8", "--bn-splits", "4", "--queue-size", "16",
+                         "--epochs", "1", "--max-steps", "2", "--saliency", "pretrained", "--saliency-weights",
+                         str(tmp_path / "saliency.pth"), "--workers", "0", "--device", "cpu", "--log-every", "0",
+                         "--out", str(tmp_path / "run")])
+    assert loaded == [str(tmp_path / "saliency.pth")] and result["step"] == 2
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert (args["arch"], args["stem"], args["masking"], args["strategy"], args["high_pass"]) == \
+        ("resnet50", "imagenet", "saliency", "hp", "on")
+    assert (args["num_hard_negatives"], args["alpha"], args["temperature"], args["crop_scale"]) == (1, 2.0, 0.2, [0.2, 1.0])
+    assert (args["weight_decay"], args["warmup_epochs"], args["lr"]) == (1e-4, 0.0, 0.03 * 8 / 256)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and 0 < r["fg_ratio"] < 1 and "hard_negative_sim" in r
+               for r in records if "loss" in r)
+
+
 def test_a_download_that_fails_leaves_nothing_behind(tmp_path, monkeypatch):
     import torchvision.datasets
 
