@@ -193,7 +193,7 @@ def step_setup(args, config):
             *CONFIGS[config]]
     flags = train.parse_args(argv)
     flags.epochs, flags.warmup_epochs = 1, 0.0
-    dataset = data.pretrain_dataset("shapes", image_size=args.image_size, batched=args.augment == "batched",
+    dataset = data.pretrain_dataset("shapes", image_size=args.image_size, augment=args.augment,
                                     crop_scale=tuple(flags.crop_scale), shapes_size=(args.batch_size * 8, 1))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=flags.workers, pin_memory=flags.device.startswith("cuda"),

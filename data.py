@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 
 DATASETS = ("shapes", "cifar10", "cifar100", "stl10", "imagefolder")
 TRANSFER = ("caltech101", "flowers102")          # evaluation only: evaluate.py --dataset
@@ -455,10 +455,12 @@ class BatchedMoCoV2:
     grayscale and blur sigma. Differences from torchvision, for speed: the crop and flip are
     one bilinear `grid_sample` (no antialiasing), the jitter is applied in a fixed order
     (brightness, contrast, saturation, hue) and hue is a rotation of the YIQ chroma plane.
+    `geometry=False` (`--augment split`): the loader already cropped and flipped each view
+    (CroppedViews), so only the colour half runs here (`photometric`).
     """
 
-    def __init__(self, image_size, crop_scale=CROP_SCALE):
-        self.size, self.crop_scale = image_size, crop_scale
+    def __init__(self, image_size, crop_scale=CROP_SCALE, *, geometry=True):
+        self.size, self.crop_scale, self.geometry = image_size, crop_scale, geometry
         self.blur_kernel = max(3, round(0.1 * image_size) // 2 * 2 + 1)
         self.sigma = (0.1 * image_size / 224, 2.0 * image_size / 224)
         self._constants = {}
@@ -473,10 +475,11 @@ class BatchedMoCoV2:
         return self._constants[device]
 
     def __call__(self, images, masks=None):
-        B, device = len(images), images.device
-        mean, std, to_yiq, from_yiq = self.constants(device)
-        u = lambda *shape: torch.rand(*shape, device=device)
         x = images.float() / 255
+        if not self.geometry:                                         # the loader cropped (CroppedViews)
+            return self.photometric(x), masks
+        B, device = len(images), images.device
+        u = lambda *shape: torch.rand(*shape, device=device)
         # Random resized crop + flip as one affine map from output to input coordinates.
         lo, hi = self.crop_scale
         area = lo + (hi - lo) * u(B)
@@ -490,6 +493,14 @@ class BatchedMoCoV2:
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if masks is not None:
             masks = F.grid_sample(masks[:, None].float(), grid, mode="nearest", align_corners=False)[:, 0] > 0.5
+        return self.photometric(x), masks
+
+    def photometric(self, x):
+        """The colour half, per image: jitter, grayscale, blur, then normalisation. `x`: float
+        `[B, 3, S, S]` in [0, 1]."""
+        B, device = len(x), x.device
+        mean, std, to_yiq, from_yiq = self.constants(device)
+        u = lambda *shape: torch.rand(*shape, device=device)
         # Colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, per image.
         jitter = (u(B) < 0.8)[:, None, None, None]
         factor = lambda s: (1 + s * (2 * u(B) - 1))[:, None, None, None]
@@ -501,7 +512,7 @@ class BatchedMoCoV2:
         x = torch.where(jitter, y, x)
         x = torch.where((u(B) < 0.2)[:, None, None, None], gray(x).expand_as(x), x)   # grayscale p 0.2
         x = torch.where((u(B) < 0.5)[:, None, None, None], self._blur(x, u(B)), x)    # blur p 0.5
-        return (x - mean) / std, masks
+        return (x - mean) / std
 
     def _blur(self, x, u):
         """Separable Gaussian blur with one sigma per image, as a grouped convolution."""
@@ -574,6 +585,53 @@ class TwoViews(torch.utils.data.Dataset):
         return view1, view2, mask1.as_subclass(torch.Tensor), mask2.as_subclass(torch.Tensor), self.labels[i]
 
 
+class CroppedViews(torch.utils.data.Dataset):
+    """The loader's half of `--augment split`, for an ImageFolder: decode, random resized crop
+    and flip of two views per image, uint8 `[3, S, S]` each, in the item layout of TwoViews
+    (no masks); `BatchedMoCoV2(geometry=False)` does the colour half for the whole batch on
+    the device. A worker's cost per image is then about a decode and two small resizes.
+
+    The crops are torchvision's RandomResizedCrop draws (`get_params`, read off the file's
+    header), each resized with PIL's antialiased bilinear filter as torchvision does. A JPEG
+    is decoded once for both views, at the smallest power-of-two reduction (1/2 to 1/8, PIL's
+    `draft`, done by the JPEG decoder) that still leaves both crops at least `S` px wide and
+    high, so no view is upsampled that would not have been anyway."""
+
+    def __init__(self, folder, image_size, crop_scale=CROP_SCALE):
+        self.folder, self.size = folder, image_size
+        self.crop_scale = crop_scale
+        self.labels = torch.tensor(folder.targets)
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, label = self.folder.samples[i]
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                boxes = [RandomResizedCrop.get_params(image, self.crop_scale, (3 / 4, 4 / 3)) for _ in range(2)]
+                smallest = min(min(h, w) for _, _, h, w in boxes)
+                reduce = 1
+                while reduce < 8 and smallest >= 2 * reduce * self.size:
+                    reduce *= 2
+                if reduce > 1:
+                    image.draft("RGB", (-(-width // reduce), -(-height // reduce)))
+                image = image.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise DataError(f"cannot read the image {path} ({type(error).__name__}); remove or replace it") from None
+        sx, sy = image.width / width, image.height / height            # what the decoder's reduction left
+        views = []
+        for top, left, h, w in boxes:
+            view = image.resize((self.size, self.size), Image.BILINEAR,
+                                box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+            if torch.rand(()) < 0.5:
+                view = view.transpose(Image.FLIP_LEFT_RIGHT)
+            views.append(torch.from_numpy(np.asarray(view).copy()).permute(2, 0, 1))
+        return views[0], views[1], torch.zeros(0), torch.zeros(0), label
+
+
 class Plain(torch.utils.data.Dataset):
     """Evaluation view of each image: `(image, label)`, or `(image, mask, label)` with masks."""
 
@@ -592,19 +650,32 @@ class Plain(torch.utils.data.Dataset):
         return image, mask.as_subclass(torch.Tensor), self.labels[i]
 
 
-def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, batched=False,
+AUGMENTATIONS = ("batched", "split", "torchvision")
+
+
+def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, augment="torchvision",
                      crop_scale=CROP_SCALE, **kwargs):
-    """Two views per image (TwoViews), or with `batched` the raw images (Raw) for
-    BatchedMoCoV2. `batched` needs same-size tensor images: not imagefolder."""
+    """What the loader gives for pre-training, by `augment`: `torchvision`, two augmented
+    views per image (TwoViews); `batched`, the raw uint8 images (Raw) for BatchedMoCoV2, which
+    needs same-size tensor images (not imagefolder); `split`, two cropped and flipped uint8
+    views (CroppedViews) for `BatchedMoCoV2(geometry=False)`, imagefolder only."""
     images, masks, labels = load_split(name, data_dir, "train", image_size=image_size, download=download, **kwargs)
     if name == "stl10":                                               # pre-train on unlabeled + train
         unlabeled, no_labels = load_stl10(data_dir, "unlabeled")
         images, labels = torch.cat([unlabeled, images]), torch.cat([no_labels, labels])
-    if batched:
-        if not isinstance(images, torch.Tensor):
-            raise DataError(f"--augment batched needs a tensor dataset; {name} is read image by "
-                            f"image: use --augment torchvision")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    tensors = isinstance(images, torch.Tensor)
+    if augment == "batched" and not tensors:
+        raise DataError(f"--augment batched needs a tensor dataset; {name} is read image by image: use "
+                        f"--augment split (or torchvision, the reference)")
+    if augment == "split" and tensors:
+        raise DataError(f"--augment split is for image files (imagefolder); {name} is a tensor dataset: use "
+                        f"--augment batched (or torchvision, the reference)")
+    if augment == "batched":
         return Raw(images, masks, labels)
+    if augment == "split":
+        return CroppedViews(images, image_size, crop_scale)
     return TwoViews(images, masks, labels, image_size, crop_scale)
 
 

@@ -500,7 +500,7 @@ def test_a_compiled_step_computes_what_an_eager_one_does(device, tmp_path):
     with eager.autocast():                                            # the same weights, one function
         reference = eager.model.encoder_q(x).float()
         assert torch.allclose(torch.compile(eager.model.encoder_q)(x).float(), reference, rtol=0.05, atol=0.05)
-    loader = torch.utils.data.DataLoader(data.pretrain_dataset("shapes", image_size=32, batched=True,
+    loader = torch.utils.data.DataLoader(data.pretrain_dataset("shapes", image_size=32, augment="batched",
                                                                shapes_size=(512, 1)), batch_size=256)
     losses = {mode: [] for mode in runs}
     for batch in loader:
@@ -1055,16 +1055,25 @@ def test_batched_augmentation_copies_its_constants_to_the_device_once(monkeypatc
     assert again.shape == first.shape and torch.isfinite(again).all()
 
 
-@pytest.mark.parametrize("path", ["batched", "torchvision"])
-def test_crop_scale_sets_how_much_of_the_image_a_view_shows(path):
+@pytest.mark.parametrize("path", data.AUGMENTATIONS)
+def test_crop_scale_sets_how_much_of_the_image_a_view_shows(path, tmp_path):
     torch.manual_seed(0)
     masks = torch.zeros(32, 48, 48, dtype=torch.bool)
     masks[:, 20:28, 20:28] = True                                      # a central 8 x 8 object
     images = masks[:, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255
+    if path == "split":                                                # the same images as files
+        from PIL import Image
+        (tmp_path / "train" / "a").mkdir(parents=True)
+        Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "train" / "a" / "0.png")
+        folder = data.load_imagefolder(str(tmp_path), "train")
+        folder.samples *= len(images)
 
     def growth(crop_scale):                                            # object area in the view / before
         if path == "batched":
             _, moved = data.BatchedMoCoV2(48, crop_scale)(images, masks)
+        elif path == "split":                                          # the loader's half: geometry only
+            views = data.CroppedViews(folder, 48, crop_scale)
+            moved = torch.stack([views[i][0][0] > 127 for i in range(len(images))])
         else:
             augment = data.moco_v2_augmentation(48, crop_scale)
             moved = torch.stack([augment(tv_tensors.Image(images[i]), tv_tensors.Mask(masks[i]))[1]
@@ -1074,6 +1083,36 @@ def test_crop_scale_sets_how_much_of_the_image_a_view_shows(path):
     whole = growth((0.9, 1.0))
     assert bool((whole > 0.7).all()) and float(whole.median()) < 1.25  # a near-whole view: object kept, ~same size
     assert float(growth((0.2, 0.25)).median()) > 2.5                   # a fifth of the image, magnified ~4x
+
+
+def test_split_views_decode_a_large_jpeg_reduced_and_crop_where_the_draws_say(tmp_path, monkeypatch):
+    """A 1600 x 1200 JPEG whose red is x and green is y: each view's mean colour is its crop's
+    centre, so a box misplaced by the decoder's 1/2-1/8 reduction shows; flips reverse red."""
+    from PIL import Image, JpegImagePlugin
+    y, x = np.mgrid[0:1200, 0:1600]
+    pixels = np.stack([x * 255 / 1599, y * 255 / 1199, np.zeros_like(x)], -1).round().astype(np.uint8)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.fromarray(pixels).save(tmp_path / "train" / "a" / "0.jpg", quality=95)
+    folder = data.load_imagefolder(str(tmp_path), "train")
+    drafts = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: drafts.append(size) or draft(self, mode, size))
+    views = data.CroppedViews(folder, 64)
+    flips = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        view1, view2, _, _, label = views[0]
+        torch.manual_seed(seed)                                       # the same draws again
+        with Image.open(tmp_path / "train" / "a" / "0.jpg") as image:
+            boxes = [data.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(2)]
+        for view, (top, left, h, w) in zip((view1, view2), boxes):
+            assert view.shape == (3, 64, 64) and view.dtype == torch.uint8 and label == 0
+            red, green = view[0].double(), view[1].double()
+            assert abs(red.mean() - 255 * (left + w / 2) / 1600) < 2 and abs(green.mean() - 255 * (top + h / 2) / 1200) < 2
+            flips += bool(red[:, 0].mean() > red[:, -1].mean())
+    assert drafts and all(size[0] < 1600 for size in drafts)          # decoded reduced: every crop >= 2 x 64 px
+    assert 4 <= flips <= 20                                           # of 24 views
 
 
 def write_cifar(root, name, *, separable=False):
@@ -1205,8 +1244,8 @@ def test_the_papers_recipe_trains_on_a_jpeg_folder_with_saliency_from_a_local_fi
                          "--out", str(tmp_path / "run")])
     assert loaded == [str(tmp_path / "saliency.pth")] and result["step"] == 2
     args = json.loads((tmp_path / "run" / "args.json").read_text())
-    assert (args["arch"], args["stem"], args["masking"], args["strategy"], args["high_pass"]) == \
-        ("resnet50", "imagenet", "saliency", "hp", "on")
+    assert (args["arch"], args["stem"], args["masking"], args["strategy"], args["high_pass"], args["augment"]) == \
+        ("resnet50", "imagenet", "saliency", "hp", "on", "split")
     assert (args["num_hard_negatives"], args["alpha"], args["temperature"], args["crop_scale"]) == (1, 2.0, 0.2, [0.2, 1.0])
     assert (args["weight_decay"], args["warmup_epochs"], args["lr"]) == (1e-4, 0.0, 0.03 * 8 / 256)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

@@ -60,9 +60,10 @@ def parse_args(argv=None):
     a("--subset", type=int, default=0, help="pre-train on the first N images only (smoke runs)")
     a("--shapes-size", type=int, nargs=2, default=[20000, 5000], metavar=("TRAIN", "TEST"),
       help="number of generated shapes images per split")
-    a("--augment", choices=["batched", "torchvision"], default="batched",
-      help="batched: MoCo v2 augmentation of the whole batch on the device (fast); torchvision: "
-           "per image with transforms v2 in the loader (the reference; used for imagefolder)")
+    a("--augment", choices=data.AUGMENTATIONS, default=None,
+      help="batched: MoCo v2 augmentation of the whole batch on the device (tensor datasets, the default "
+           "there); split: crop and flip per image in the loader, colour for the batch on the device "
+           "(imagefolder, the default there); torchvision: all per image in the loader (the reference)")
     a("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
       help="share of the image area a view's random crop keeps (paper: 0.2 1, the default; "
            "shapes: 0.85 1, see the README)")
@@ -184,8 +185,7 @@ def fill_defaults(args):
     default("num_hard_negatives", int(args.masking == "saliency" and args.framework != "byol"))
     if args.high_pass == "auto":
         args.high_pass = "on" if args.strategy == "hp" and args.masking != "none" else "off"
-    if args.dataset == "imagefolder":
-        args.augment = "torchvision"                                  # images of any size, read one by one
+    default("augment", "split" if args.dataset == "imagefolder" else "batched")   # files: cropped as read
     default("device", "cuda" if torch.cuda.is_available() else "cpu")
     default("amp", "bf16" if args.device.startswith("cuda") else "off")
     default("compile", "off")
@@ -226,6 +226,9 @@ def check_args(p, args):
             p.error(f"--{name.replace('_', '-')} {value}: need a finite value")
     if args.moco_momentum > 1:
         p.error(f"--moco-momentum {args.moco_momentum}: need a value in [0, 1]")
+    if (args.augment == "split") != (args.dataset == "imagefolder") and args.augment != "torchvision":
+        p.error(f"--augment {args.augment} with --dataset {args.dataset}: use "
+                f"{'split' if args.dataset == 'imagefolder' else 'batched'} (or torchvision, the reference)")
     if args.warmup_epochs > args.epochs:
         p.error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
     if min(args.shapes_size) < 1:
@@ -307,7 +310,7 @@ def make_views(args, batch, parts):
     """
     augment, sal, masker, model = parts.augment, parts.sal, parts.masker, parts.model
     view1, view2, mask1, mask2, _ = batch                             # on the device
-    if augment is not None:                                           # --augment batched: raw uint8 in
+    if augment is not None:                                           # batched, split: uint8 in
         (view1, mask1), (view2, mask2) = augment(view1, mask1 if mask1.numel() else None), \
             augment(view2, mask2 if mask2.numel() else None)
     if args.masking == "none":                                        # the filter alone, when asked for
@@ -374,7 +377,8 @@ def build(args, steps_per_epoch):
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
         step_fn=compiler(distributed(model, device)), views_fn=compiler(make_views),
         autocast=lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
-        augment=data.BatchedMoCoV2(args.image_size, tuple(args.crop_scale)) if args.augment == "batched" else None,
+        augment=None if args.augment == "torchvision" else data.BatchedMoCoV2(
+            args.image_size, tuple(args.crop_scale), geometry=args.augment == "batched"),
         sal=saliency.Saliency(args.saliency, args.grid, weights=args.saliency_weights).to(device),
         masker=masking.Masker(args.strategy, args.grid, high_pass=args.high_pass == "on",
                               positive_ratio=tuple(args.mask_ratio),
@@ -712,7 +716,7 @@ def train(args):
         check_resume(args, checkpoint)
 
     train_set = data.pretrain_dataset(args.dataset, args.data_dir, args.image_size, download=args.download,
-                                      batched=args.augment == "batched", crop_scale=tuple(args.crop_scale),
+                                      augment=args.augment, crop_scale=tuple(args.crop_scale),
                                       shapes_size=tuple(args.shapes_size))
     if args.subset:
         train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
