@@ -331,6 +331,118 @@ def bench_step(args, device):
     return report
 
 
+# ----------------------------------------------------------------------------- the paper's recipe
+
+def per_image_ms(dataset, count, repeats):
+    """Median (over `repeats` passes) of the mean ms one process spends per item: a loader
+    worker's cost per image."""
+    def one_pass():
+        for i in range(count):
+            dataset[i]
+    return 1000 * median_seconds(one_pass, repeats, torch.device("cpu")) / count
+
+
+def loader_images_per_s(dataset, batch_size, workers, batches_timed):
+    """Images/s a DataLoader delivers with `workers` processes, after its first batch (the
+    workers' start is not timed), over at least 4 batches more than its workers hold ready."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, persistent_workers=workers > 0)
+    stream = batches(loader)
+    next(stream)
+    batches_timed = max(batches_timed, 2 * workers + 4)               # 2 prefetched per worker
+    start = time.perf_counter()
+    for _ in range(batches_timed):
+        next(stream)
+    return batch_size * batches_timed / (time.perf_counter() - start)
+
+
+def peak_host_mb():
+    """Peak resident memory of this process and of its (ended) children, MB."""
+    import resource
+    return {who: round(resource.getrusage(which).ru_maxrss / 1024)
+            for who, which in (("main", resource.RUSAGE_SELF), ("workers", resource.RUSAGE_CHILDREN))}
+
+
+def bench_recipe(args, device):
+    """`--recipe paper`: ResNet-50, 224 px, an ImageFolder of JPEGs (`--data-dir`, or a
+    temporary `shapes` one at ImageNet's sizes), SCDA saliency from a ResNet-50 (random
+    weights: the cost is the same; or `--saliency-weights`), the hard negative, hp. Times (a) the loader alone, per
+    image in one process and in images/s with 1 and 2 workers, for the reference augmentation
+    and the split one; (b) the training step alone on uint8 views already in memory; (c) both
+    together, the split loader with `--workers` feeding train_step; and says which bounds."""
+    import shutil
+    import tempfile
+    from torchvision.models import resnet50
+    workdir = tempfile.mkdtemp(prefix="bench-recipe-")
+    try:
+        folder = args.data_dir
+        if folder is None:
+            folder = os.path.join(workdir, "jpegs")
+            data.write_shapes_folder(folder, (max(4 * args.batch_size, 40), 10))
+        weights = args.saliency_weights or os.path.join(workdir, "resnet50.pth")
+        if not args.saliency_weights:
+            torch.save(resnet50().state_dict(), weights)
+        argv = ["--dataset", "imagefolder", "--data-dir", folder, "--arch", args.arch, "--image-size",
+                str(args.image_size), "--batch-size", str(args.batch_size), "--device", args.device, "--amp", args.amp,
+                "--saliency", "pretrained", "--saliency-weights", weights,
+                "--compile", args.compile, "--out", os.path.join(workdir, "run"),
+                *(["--workers", str(args.workers)] if args.workers is not None else []),
+                *(["--channels-last"] if args.channels_last else [])]
+        flags = train.parse_args(argv)
+        flags.epochs, flags.warmup_epochs = 1, 0.0
+        datasets = {augment: data.pretrain_dataset("imagefolder", folder, args.image_size, augment=augment)
+                    for augment in ("torchvision", "split")}
+        count = min(len(datasets["split"]), 2 * args.batch_size)
+        loader = {}
+        for augment, dataset in datasets.items():
+            ms = per_image_ms(dataset, count, args.repeats)
+            loader[augment] = {"ms_per_image_one_process": round(ms, 2)}
+            for workers in (1, 2):
+                loader[augment][f"images_per_s_{workers}_workers"] = round(
+                    loader_images_per_s(dataset, args.batch_size, workers, args.steps), 1)
+        ratio = loader["torchvision"]["ms_per_image_one_process"] / loader["split"]["ms_per_image_one_process"]
+        print(f"the loader alone ({folder}, {args.image_size} px, two views per image):")
+        for augment, row in loader.items():
+            print(f"  {augment:12s} {row['ms_per_image_one_process']:8.2f} ms per image in one process, "
+                  f"{row['images_per_s_1_workers']:7.1f} images/s with 1 worker, "
+                  f"{row['images_per_s_2_workers']:7.1f} with 2")
+        print(f"  the split augmentation costs a worker {ratio:.1f}x less per image than the reference")
+
+        parts = train.build(flags, steps_per_epoch=10 ** 6)
+        split_loader = torch.utils.data.DataLoader(datasets["split"], batch_size=args.batch_size, shuffle=True,
+                                                   drop_last=True, num_workers=flags.workers,
+                                                   pin_memory=device.type == "cuda",
+                                                   persistent_workers=flags.workers > 0)
+        stream = batches(split_loader)
+        held = [t.to(device) for t in next(stream)]                     # (b): the same batch every step
+
+        def steps(next_batch):
+            for _ in range(args.steps):
+                train.train_step(flags, next_batch(), parts)
+        step_s = median_seconds(lambda: steps(lambda: held), args.repeats, device)
+        step_rate = args.batch_size * args.steps / step_s
+        whole_s = median_seconds(lambda: steps(lambda: [t.to(device, non_blocking=True) for t in next(stream)]),
+                                 args.repeats, device)
+        whole_rate = args.batch_size * args.steps / whole_s
+        # What the loader feeds with this many workers (one process's own rate for 0 workers).
+        feed = loader["split"][f"images_per_s_{flags.workers}_workers"] if flags.workers in (1, 2) else \
+            1000 / loader["split"]["ms_per_image_one_process"] * (flags.workers or 1)
+        bound = "the loader" if feed < step_rate else "the training step"
+        print(f"the training step alone ({args.arch}, batch {args.batch_size}, the method, SCDA saliency): "
+              f"{step_rate:.1f} images/s; the split loader with {flags.workers} workers: {feed:.1f}: {bound} bounds")
+        print(f"end to end (the split loader, {flags.workers} workers, feeding the step): {whole_rate:.1f} images/s")
+        memory = peak_host_mb()
+        if device.type == "cuda":
+            memory["gpu"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        print(f"peak memory, MB: {memory}")
+        return {"loader": loader, "split_cheaper_per_image": round(ratio, 2), "workers": flags.workers,
+                "step_images_per_s": round(step_rate, 1), "loader_feeds_images_per_s": round(feed, 1),
+                "end_to_end_images_per_s": round(whole_rate, 1),
+                "bound_by": bound, "peak_memory_mb": memory, "folder": args.data_dir or "a temporary shapes folder"}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def views_seconds(flags, objects, batch, repeats, device):
     """Median time of the step's view pipeline (`objects.views_fn`, as train_step calls it) on one batch."""
     batch = [t.to(device) for t in batch]
@@ -392,14 +504,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["step", "masking", "encoder"], default="step", help="what to time")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 256 (--recipe paper: 128, CPU 8)")
     parser.add_argument("--image-size", type=int, default=None, help="default: 32 (step), 224 (masking)")
     parser.add_argument("--grid", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=7)
     step = parser.add_argument_group("--part step")
     step.add_argument("--framework", choices=list(models.FRAMEWORKS), default="moco",
                       help="the part-by-part split is for moco; whole steps for any")
-    step.add_argument("--arch", choices=models.ARCHS, default="resnet18")
+    step.add_argument("--arch", choices=models.ARCHS, default=None, help="default resnet18 (--recipe paper: resnet50)")
     step.add_argument("--stem", choices=["cifar", "imagenet"], default=None,
                       help="cifar: MoCo's CIFAR recipe (default on a GPU); imagenet: train.py's stem for "
                            "shapes, 19x cheaper at 32 px (default on a CPU, where a CIFAR-stem step takes ~12 s)")
@@ -419,8 +531,20 @@ def main(argv=None):
                       help="whole steps only: no part-by-part split (under --compile each part compiles on its own)")
     step.add_argument("--sync-debug", action="store_true",
                       help="a GPU: record the host synchronisations inside the timed steps (torch's sync debug mode)")
+    recipe = parser.add_argument_group("--recipe paper")
+    recipe.add_argument("--recipe", choices=["paper"], default=None,
+                        help="the paper's recipe end to end (ResNet-50, 224 px, JPEGs, SCDA): the loader, the step, "
+                             "both, and which bounds (--batch-size default 128 on a GPU, 8 on a CPU)")
+    recipe.add_argument("--data-dir", default=None,
+                        help="an ImageFolder (DIR/train/<class>/*.jpg); default: a temporary shapes one")
+    recipe.add_argument("--saliency-weights", default=None,
+                        help="the saliency network (default: a random-init ResNet-50, which costs what the paper's does)")
     parser.add_argument("--json", metavar="PATH", help="also write what was printed, with device, commit and flags")
     args = parser.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = (128 if args.device.startswith("cuda") else 8) if args.recipe else 256
+    if args.recipe:
+        args.image_size, args.arch = args.image_size or 224, args.arch or "resnet50"
     for flag in ("batch_size", "grid", "repeats", "steps", "image_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -437,11 +561,15 @@ def main(argv=None):
         evaluate.fail("--sync-debug: host synchronisations are a GPU's; leave it out on a CPU")
     if args.json and os.path.isdir(args.json):
         evaluate.fail(f"--json {args.json}: is a folder; give a file name, e.g. results/bench-h100.json")
-    if args.part == "masking":
+    if args.recipe:
+        if args.part != "step":
+            evaluate.fail(f"--recipe paper times the recipe's own parts: leave out --part {args.part}")
+        report = bench_recipe(args, device)
+    elif args.part == "masking":
         args.image_size = args.image_size or 224
         report = bench_masking(args, device)
     else:
-        args.image_size = args.image_size or 32
+        args.image_size, args.arch = args.image_size or 32, args.arch or "resnet18"
         args.stem = args.stem or ("cifar" if device.type == "cuda" else "imagenet")
         report = (bench_step if args.part == "step" else bench_encoder)(args, device)
     if args.json:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 
@@ -1988,6 +1989,30 @@ def test_bench_times_every_part_and_the_three_configurations(capsys, augment):
     for part in ("data", "saliency (2 views)", "mask building + filling", "hard-negative forward", "1.45x", "warm-up"):
         assert part in out
     assert set(report["parts_ms"]) >= {"data (loader, to device)", "saliency (2 views)", "optimizer"}
+
+
+def test_bench_times_the_papers_recipe_loader_step_and_both(tmp_path):
+    """--recipe paper on a temporary JPEG folder, scaled down (the test's only change: 32 px,
+    ResNet-18, a CIFAR-stem saliency network, which sees 32 px views as they are)."""
+    from torchvision.models import resnet18
+    net = resnet18()
+    net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    torch.save(net.state_dict(), tmp_path / "saliency.pth")
+    report = bench.main(["--recipe", "paper", "--image-size", "32", "--arch", "resnet18", "--batch-size", "16",
+                         "--steps", "1", "--repeats", "1", "--device", "cpu", "--workers", "1", "--saliency-weights",
+                         str(tmp_path / "saliency.pth"), "--json", str(tmp_path / "recipe.json")])
+    loader = report["loader"]
+    assert set(loader) == {"torchvision", "split"} and report["workers"] == 1
+    for row in loader.values():
+        assert set(row) == {"ms_per_image_one_process", "images_per_s_1_workers", "images_per_s_2_workers"}
+        assert all(value > 0 for value in row.values())
+    assert report["split_cheaper_per_image"] == round(loader["torchvision"]["ms_per_image_one_process"]
+                                                      / loader["split"]["ms_per_image_one_process"], 2)
+    assert report["bound_by"] == ("the loader" if report["loader_feeds_images_per_s"] < report["step_images_per_s"]
+                                  else "the training step")
+    assert report["end_to_end_images_per_s"] > 0 and report["peak_memory_mb"]["main"] > 0
+    assert json.loads((tmp_path / "recipe.json").read_text())["bound_by"] == report["bound_by"]
+    assert not [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("bench-recipe-")]   # cleaned up
 
 
 def test_bench_times_the_encoder_per_layout_with_and_without_sub_batches(tmp_path):
