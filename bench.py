@@ -543,8 +543,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = (128 if args.device.startswith("cuda") else 8) if args.recipe else 256
-    if args.recipe:
+    if args.recipe:                                                   # what it runs, for the JSON record
+        if args.part != "step":
+            evaluate.fail(f"--recipe paper times the recipe's own parts: leave out --part {args.part}")
         args.image_size, args.arch = args.image_size or 224, args.arch or "resnet50"
+        args.saliency, args.augment, args.stem, args.part = "pretrained", "split", "imagenet", "recipe"
     for flag in ("batch_size", "grid", "repeats", "steps", "image_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -562,8 +565,6 @@ def main(argv=None):
     if args.json and os.path.isdir(args.json):
         evaluate.fail(f"--json {args.json}: is a folder; give a file name, e.g. results/bench-h100.json")
     if args.recipe:
-        if args.part != "step":
-            evaluate.fail(f"--recipe paper times the recipe's own parts: leave out --part {args.part}")
         report = bench_recipe(args, device)
     elif args.part == "masking":
         args.image_size = args.image_size or 224
