@@ -33,6 +33,7 @@ TRANSFER = ("caltech101", "flowers102")          # evaluation only: evaluate.py 
 CALTECH_TRAIN_PER_CLASS = 30                    # Caltech-101 has no split: 30 per class train, the rest test
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CROP_SCALE = (0.2, 1.0)          # RandomResizedCrop's share of the image area (MoCo v2)
+OBJECT_SCALE = (0.25, 0.45)      # a shapes object's radius, a share of the image side
 # Ten shapes that differ in structure (holes, arms, corners, elongation), not only in the
 # number of polygon sides: at 32 px a rotated pentagon, hexagon and circle look alike.
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "crescent", "bar", "L", "T")
@@ -48,11 +49,12 @@ class DataError(Exception):
 # ----------------------------------------------------------------------------- shapes
 
 @functools.lru_cache(maxsize=4)                  # train.py's kNN and pre-training share them
-def make_shapes(num_images, image_size=64, seed=0, *, chunk=1000):
+def make_shapes(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE, chunk=1000):
     """Generate the `shapes` dataset: uint8 images `[n, 3, S, S]`, bool masks `[n, S, S]`,
     labels `[n]` (an index into SHAPE_CLASSES). Deterministic from `seed`, batched.
 
-    A shape of random size (radius 25-45 % of the side), position, rotation and colour lies
+    A shape of random size (radius `object_scale` of the side, 25-45 % by default: objects
+    that fill the frame; smaller ones let a random mask hide them), position, rotation and colour lies
     on a random smooth texture, with a little pixel noise. Object and background colours come
     from one palette of 6 hues for every image, drawn independently of the class, so colour
     gives neither the class nor the instance: a view pair can only be matched by its shape
@@ -63,17 +65,17 @@ def make_shapes(num_images, image_size=64, seed=0, *, chunk=1000):
     images, masks, labels = [], [], []
     for start in range(0, num_images, chunk):
         label = torch.randint(len(SHAPE_CLASSES), (min(chunk, num_images - start),), generator=g)
-        image, mask = _draw_shapes(label, image_size, g)
+        image, mask = _draw_shapes(label, image_size, g, object_scale)
         images.append(image)
         masks.append(mask)
         labels.append(label)
     return torch.cat(images), torch.cat(masks), torch.cat(labels)
 
 
-def _draw_shapes(label, size, g):
+def _draw_shapes(label, size, g, object_scale=OBJECT_SCALE):
     """Images uint8 `[n, 3, S, S]` and masks bool `[n, S, S]` of the shapes `label` `[n]`."""
     n = len(label)
-    mask = _shape_masks(label, size, g)
+    mask = _shape_masks(label, size, g, object_scale)
     object_colour = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
     tint = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
     texture = _texture(n, size, g, cells=4)                           # [n, 1, S, S] luminance
@@ -91,10 +93,12 @@ def _texture(n, size, g, cells=8):
     return F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-def _shape_masks(label, size, g):
-    """bool `[n, S, S]`: shape `label` at a random centre, radius and rotation."""
+def _shape_masks(label, size, g, object_scale=OBJECT_SCALE):
+    """bool `[n, S, S]`: shape `label` at a random centre, rotation and radius (a share
+    `object_scale` of the side, uniform)."""
     n = len(label)
-    radius = size * (0.25 + 0.2 * torch.rand(n, generator=g))
+    lo, hi = object_scale
+    radius = size * (lo + (hi - lo) * torch.rand(n, generator=g))
     cy = radius + (size - 2 * radius) * torch.rand(n, generator=g)
     cx = radius + (size - 2 * radius) * torch.rand(n, generator=g)
     angle = 2 * math.pi * torch.rand(n, generator=g)
@@ -302,7 +306,8 @@ SPLITS = ("train", "val", "test")
 SHAPES_SEEDS = {"train": 0, "test": 1, "val": 2}   # three independent draws: disjoint splits
 
 
-def load_split(name, data_dir, split, *, image_size=64, download=False, shapes_size=(20000, 5000)):
+def load_split(name, data_dir, split, *, image_size=64, download=False, shapes_size=(20000, 5000),
+               object_scale=OBJECT_SCALE):
     """Raw data of one split (`train`, `val` or `test`): `(images uint8 [n,3,H,W] or an
     ImageFolder, masks or None, labels)`. Only `shapes` has a validation split (drawn like the
     others, as many images as the test split): monitoring and tuning read it, reported
@@ -315,7 +320,8 @@ def load_split(name, data_dir, split, *, image_size=64, download=False, shapes_s
                         f"or hold out part of the training images yourself")
     train = split == "train"
     if name == "shapes":
-        return make_shapes(shapes_size[0 if train else 1], image_size, seed=SHAPES_SEEDS[split])
+        return make_shapes(shapes_size[0 if train else 1], image_size, seed=SHAPES_SEEDS[split],
+                           object_scale=tuple(object_scale))
     if name in ("cifar10", "cifar100"):
         images, labels = load_cifar(data_dir, name, train, download)
         return images, None, labels

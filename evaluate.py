@@ -418,10 +418,13 @@ def main(argv=None):
     data_dir = args.data_dir or train_args.data_dir
     loader = lambda dataset, shuffle=False: torch.utils.data.DataLoader(
         dataset, batch_size=256, shuffle=shuffle, num_workers=train_args.workers)
+    # the checkpoint's shapes (its object scale: the default for runs from before the flag)
+    shapes = {"shapes_size": tuple(train_args.shapes_size),
+              "object_scale": tuple(getattr(train_args, "shapes_object_scale", data.OBJECT_SCALE))}
     start = time.time()
     try:
         train_set, test_set = data.eval_datasets(dataset, data_dir, image_size, download=args.download,
-                                                 split=args.split, shapes_size=tuple(train_args.shapes_size))
+                                                 split=args.split, **shapes)
         train_features, train_labels = extract_features(encoder, loader(train_set), device, transform=transform)
         test_features, test_labels = extract_features(encoder, loader(test_set), device, transform=transform)
         labelled = train_labels >= 0
@@ -433,8 +436,8 @@ def main(argv=None):
             results["linear_top1"] = round(linear_probe(train_features[labelled], train_labels[labelled],
                                                         test_features, test_labels, epochs=args.probe_epochs), 2)
         else:
-            augmented, centred = data.eval_datasets(dataset, data_dir, image_size, split=args.split, shapes_size=tuple(
-                train_args.shapes_size), transforms=data.linear_eval_transforms(image_size))
+            augmented, centred = data.eval_datasets(dataset, data_dir, image_size, split=args.split,
+                                                    transforms=data.linear_eval_transforms(image_size), **shapes)
             results["linear_top1"] = round(linear_probe_paper(
                 encoder, loader(augmented, shuffle=True), loader(centred), device, int(train_labels.max()) + 1,
                 epochs=args.probe_epochs, milestones=(round(0.6 * args.probe_epochs), round(0.8 * args.probe_epochs)),

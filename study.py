@@ -81,10 +81,17 @@ def resolve(row, seed, train_args):
     return vars(train.parse_args(argv))
 
 
+# Flags added after runs were recorded, with the value those runs had: a run that does not
+# name one, or names it at that value, is the same experiment (and keeps its run folder).
+LATER_FLAGS = {"shapes_object_scale": [0.25, 0.45]}
+
+
 def identity(args, *, with_seed=True):
-    """What makes two runs the same experiment: every resolved flag but NOT_THE_EXPERIMENT."""
+    """What makes two runs the same experiment: every resolved flag but NOT_THE_EXPERIMENT
+    (and a LATER_FLAGS flag at its old value)."""
     drop = NOT_THE_EXPERIMENT + (() if with_seed else ("seed",))
-    return json.dumps({k: v for k, v in args.items() if k not in drop}, sort_keys=True)
+    return json.dumps({k: v for k, v in args.items() if k not in drop and LATER_FLAGS.get(k, k) != v},
+                      sort_keys=True)
 
 
 def run_one(row, seed, args, lock):

@@ -1001,6 +1001,21 @@ def test_shapes_has_a_validation_split_disjoint_from_train_and_test(tmp_path):
     assert train.monitoring_split("shapes") == "val" and train.monitoring_split("cifar10") == "test"
 
 
+def test_the_object_scale_sets_the_shapes_radius_and_the_default_is_unchanged(capsys):
+    default = data.make_shapes(200, 48, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(default, data.make_shapes(200, 48, seed=3, object_scale=(0.25, 0.45))))
+    _, small, labels = data.make_shapes(200, 48, seed=3, object_scale=(0.08, 0.15))
+    area = lambda masks, label: float(masks[labels == label].flatten(1).float().mean())   # share of the image
+    circle = data.SHAPE_CLASSES.index("circle")                       # area 0.81 pi r^2
+    assert 0.81 * math.pi * 0.25 ** 2 < area(default[1], circle) < 0.81 * math.pi * 0.45 ** 2
+    assert 0.81 * math.pi * 0.08 ** 2 * 0.8 < area(small, circle) < 0.81 * math.pi * 0.15 ** 2 * 1.2
+    for scale in (["0", "0.1"], ["0.2", "0.1"], ["0.3", "0.6"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--shapes-object-scale", *scale, "--out", "unused"])
+        err = capsys.readouterr().err.strip()
+        assert "need 0 < LO <= HI <= 0.5" in err and "\n" not in err
+
+
 def test_shape_colour_alone_does_not_give_the_class():
     images, masks, labels = data.make_shapes(2000, 32, seed=5)
     colour = (images.float() * masks[:, None]).sum((2, 3)) / masks[:, None].sum((2, 3))   # mean object colour
@@ -2049,16 +2064,21 @@ def study_record(row, seed, **changes):
 
 def test_study_identifies_a_run_by_every_resolved_flag(tmp_path, monkeypatch, capsys):
     results = tmp_path / "results.json"
-    # seed 0 ran on a GPU (where and how a run ran is not the experiment); seed 1 with other crops
+    # seed 0 ran on a GPU (where and how a run ran is not the experiment); seed 1 with other crops;
+    # seed 2 before --shapes-object-scale existed (at what is now its default)
+    before_the_flag = study_record(1, 2)
+    del before_the_flag["args"]["shapes_object_scale"]
     results.write_text(json.dumps([study_record(1, 0, device="cuda", amp="bf16", workers=8, save_every=1.0),
-                                   study_record(1, 1, crop_scale=[0.2, 1.0])]))
+                                   study_record(1, 1, crop_scale=[0.2, 1.0]), before_the_flag]))
     started = []
     monkeypatch.setattr(study, "run_one", lambda row, seed, args, lock: started.append((row, seed)))
-    study.main(["--rows", "1", "--seeds", "0", "1", "--results", str(results), "--out", str(tmp_path / "runs")])
-    # seed 0 is done; seed 1 ran with other crops, so it is another experiment and runs again
+    study.main(["--rows", "1", "--seeds", "0", "1", "2", "--results", str(results), "--out", str(tmp_path / "runs")])
+    # seeds 0 and 2 are done; seed 1 ran with other crops, so it is another experiment and runs again
     assert started == [(1, 1)]
+    smaller = study.resolve(1, 2, ["--shapes-object-scale", "0.08", "0.15"])
+    assert study.identity(smaller) != study.identity(before_the_flag["args"])
     table = capsys.readouterr().out
-    assert "| 1 | moco | MoCo v2 | 50.0 | 60.0 | 20.0 | 0 |" in table and "abc1234" in table
+    assert "| 1 | moco | MoCo v2 | 51.0 ± 1.4 | 60.0 ± 0.0 | 21.0 ± 1.4 | 0, 2 |" in table and "abc1234" in table
 
 
 def test_study_exits_non_zero_and_lists_the_failed_runs(tmp_path, monkeypatch, capsys):

@@ -60,6 +60,9 @@ def parse_args(argv=None):
     a("--subset", type=int, default=0, help="pre-train on the first N images only (smoke runs)")
     a("--shapes-size", type=int, nargs=2, default=[20000, 5000], metavar=("TRAIN", "TEST"),
       help="number of generated shapes images per split")
+    a("--shapes-object-scale", type=float, nargs=2, default=[0.25, 0.45], metavar=("LO", "HI"),
+      help="a shapes object's radius as a share of the side, drawn uniformly (default 0.25 0.45: objects that "
+           "fill the frame; smaller ones are where a random mask can hide them)")
     a("--augment", choices=data.AUGMENTATIONS, default=None,
       help="batched: MoCo v2 augmentation of the whole batch on the device (tensor datasets, the default "
            "there); split: crop and flip per image in the loader, colour for the batch on the device "
@@ -231,6 +234,9 @@ def check_args(p, args):
                 f"{'split' if args.dataset == 'imagefolder' else 'batched'} (or torchvision, the reference)")
     if args.warmup_epochs > args.epochs:
         p.error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
+    lo, hi = args.shapes_object_scale
+    if not 0 < lo <= hi <= 0.5:
+        p.error(f"--shapes-object-scale {lo} {hi}: need 0 < LO <= HI <= 0.5 (a radius of half the side fills it)")
     if min(args.shapes_size) < 1:
         p.error(f"--shapes-size {args.shapes_size[0]} {args.shapes_size[1]}: need at least 1 image per split")
     if not args.out:
@@ -717,7 +723,8 @@ def train(args):
 
     train_set = data.pretrain_dataset(args.dataset, args.data_dir, args.image_size, download=args.download,
                                       augment=args.augment, crop_scale=tuple(args.crop_scale),
-                                      shapes_size=tuple(args.shapes_size))
+                                      shapes_size=tuple(args.shapes_size),
+                                      object_scale=tuple(args.shapes_object_scale))
     if args.subset:
         train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
     steps_per_epoch = len(train_set) // args.batch_size
@@ -948,7 +955,8 @@ def knn(args, model, masker, device, split="test"):
 
 def knn_of_one_process(args, model, masker, device, split):
     train_set, test_set = data.eval_datasets(args.dataset, args.data_dir, args.image_size, split=split,
-                                             shapes_size=tuple(args.shapes_size))
+                                             shapes_size=tuple(args.shapes_size),
+                                             object_scale=tuple(args.shapes_object_scale))
     loader = lambda d: torch.utils.data.DataLoader(d, batch_size=256, num_workers=args.workers,
                                                    worker_init_fn=ignore_stop_signals)
     transform = masker.filter if args.high_pass == "on" else None
