@@ -5,7 +5,7 @@
     python study.py --jobs 8 --device cuda           # a GPU: several runs at a time
     python study.py --table                          # the README's table, from the results file
     python study.py --rows 9 10 --seeds 0 1 --split val --results results/defaults-val.json   # tuning: validation
-    python study.py --mechanism                      # how much of the object a query's mask hides
+    python study.py --mechanism                      # how much of the object a query's mask hides, by object size
     python study.py --figure results/views.png       # the README's picture of the views
 
 Each run is `python train.py FLAGS --seed S` at the default budget of train.py (flags this
@@ -178,37 +178,54 @@ def table(results, train_args=(), split="test"):
     return "\n".join(lines + ["", f"{split} split. Commits: {', '.join(sorted(commits)) or 'none'}."])
 
 
+MECHANISM_SCALES = ((0.25, 0.45), (0.15, 0.25), (0.08, 0.15), (0.05, 0.1))   # the default, then smaller objects
+
+
 @torch.no_grad()
-def mechanism(num_images=5000, image_size=32, grid=7, seed=0):
-    """The paper's argument, measured without training: the share of the object's pixels
-    that a query's mask hides, for uniform random masking and for balanced masking with
-    spectral and with true (gt) foreground. Views are the `shapes` training views (the
-    batched MoCo v2 augmentation at the `shapes` crop scale, 0.85-1), masks the grid masks
-    at the paper's query ratio r ~ U(0.05, 0.25) (the hp fill's focal masks and its 0.55 cap
-    aside). Returns {masking: {"median", "p90", "p99", "over_half"}}, shares in %."""
+def mechanism(num_images=5000, image_size=32, grid=7, seed=0, *, object_scale=data.OBJECT_SCALE,
+              saliency_weights=None):
+    """The paper's argument, measured without training: the share of the object that a
+    query's mask hides, for uniform random masking and for balanced masking with spectral,
+    true (gt) and, with `saliency_weights`, SCDA foreground. Views are `shapes` training
+    views at `object_scale` (the batched MoCo v2 augmentation at the `shapes` crop scale,
+    0.85-1); masks are the `hp` fill's query masks as train.py draws them (r ~ U(0.05, 0.25),
+    the 0.55 cap, channel-wise masks, the focal masks that keep only a square), so a share
+    is of the object's pixel values (a pixel hidden in one channel of three counts a third).
+    Returns ({masking: {"median", "p90", "p99", "over_half"}}, {source: {"iou", "precision"}}),
+    shares and quality in %."""
     torch.manual_seed(seed)
-    images, object_masks, _ = data.make_shapes(num_images, image_size, seed=seed + 1)
+    images, object_masks, _ = data.make_shapes(num_images, image_size, seed=seed + 1, object_scale=object_scale)
     views, object_masks = data.BatchedMoCoV2(image_size, (0.85, 1.0))(images, object_masks)
-    ratio = masking.sample_ratios(num_images, *masking.POSITIVE_RATIO)
-    foregrounds = {"random": None,
-                   "balanced, spectral saliency": saliency.Saliency("spectral", grid)(views),
-                   "balanced, true foreground (gt)": saliency.Saliency("gt", grid)(views, masks=object_masks)}
-    shares = {}
+    sources = {"spectral saliency": saliency.Saliency("spectral", grid),
+               "true foreground (gt)": saliency.Saliency("gt", grid)}
+    if saliency_weights:
+        sources["SCDA, supervised network"] = saliency.Saliency("pretrained", grid, weights=saliency_weights)
+    truth = saliency.gt_foreground_patches(object_masks, grid)
+    foregrounds, quality = {"random": None}, {}
+    for name, source in sources.items():
+        fg = torch.cat([source(views[i:i + 500], masks=object_masks[i:i + 500]) for i in range(0, num_images, 500)])
+        foregrounds[f"balanced, {name}"] = fg
+        overlap = (fg & truth).sum(1).float()
+        quality[name] = {"iou": round(100 * float((overlap / (fg | truth).sum(1).clamp(min=1)).mean()), 1),
+                         "precision": round(100 * float((overlap / fg.sum(1).clamp(min=1)).mean()), 1)}
+    masker, shares = masking.Masker("hp", grid), {}
     for name, fg in foregrounds.items():
-        patches = masking.random_mask(num_images, grid * grid, ratio) if fg is None else masking.balanced_mask(fg, ratio)
-        hidden = masking.patch_to_pixel_mask(patches, grid, image_size, image_size) & object_masks
-        share = 100 * hidden.sum((1, 2)) / object_masks.sum((1, 2)).clamp(min=1)
+        _, pixel_mask = masker(views, fg, "positive")                 # [B, 1 or 3, H, W]
+        hidden = (pixel_mask & object_masks[:, None]).float().mean(1).sum((1, 2))
+        share = 100 * hidden / object_masks.sum((1, 2)).clamp(min=1)
         q = torch.quantile(share, torch.tensor([0.5, 0.9, 0.99]))
         shares[name] = {"median": round(float(q[0]), 1), "p90": round(float(q[1]), 1),
                         "p99": round(float(q[2]), 1), "over_half": round(100 * float((share > 50).float().mean()), 2)}
-    return shares
+    return shares, quality
 
 
-def mechanism_table(shares):
-    lines = ["| query mask | share of the object hidden: median | 90th percentile | 99th percentile | views with over half hidden |",
-             "|---|---|---|---|---|"]
+def mechanism_table(shares, quality):
+    lines = ["| query mask (hp) | share of the object hidden: median | 90th percentile | 99th percentile | "
+             "views with over half hidden |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {s['median']} % | {s['p90']} % | {s['p99']} % | {s['over_half']} % |"
               for name, s in shares.items()]
+    lines += ["", "| foreground source | patch IoU with gt | precision |", "|---|---|---|"]
+    lines += [f"| {name} | {q['iou']} % | {q['precision']} % |" for name, q in quality.items()]
     return "\n".join(lines)
 
 
@@ -239,7 +256,11 @@ def main(argv=None):
                         help="what the runs are evaluated on: test (reported results) or val (tuning defaults)")
     parser.add_argument("--table", action="store_true", help="only print the table of --results")
     parser.add_argument("--mechanism", action="store_true",
-                        help="only measure how much of the object a query mask hides (no training)")
+                        help="only measure how much of the object a query mask hides (no training), at each "
+                             "object scale of MECHANISM_SCALES")
+    parser.add_argument("--saliency-weights", metavar="PATH",
+                        help="with --mechanism: also SCDA saliency from this network (evaluate.py --supervised "
+                             "--stem cifar --save-weights PATH)")
     parser.add_argument("--figure", metavar="PNG", help="only draw the views of one batch (the README's picture)")
     args, args.train_args = parser.parse_known_args(argv)             # the rest goes to train.py
     bad = [r for r in args.rows if not 1 <= r <= len(ROWS)]
@@ -248,7 +269,10 @@ def main(argv=None):
     if args.jobs < 1 or args.threads < 1:
         evaluate.fail(f"--jobs {args.jobs} --threads {args.threads}: need at least 1 of each")
     if args.mechanism:
-        return print(mechanism_table(mechanism()))
+        for scale in MECHANISM_SCALES:
+            print(f"\nobjects of radius {scale[0]}-{scale[1]} of the side{' (the default)' * (scale == data.OBJECT_SCALE)}:")
+            print(mechanism_table(*mechanism(object_scale=scale, saliency_weights=args.saliency_weights)), flush=True)
+        return None
     if args.figure:
         return figure(args.figure, args.train_args)
     results = load(args.results)

@@ -2097,12 +2097,24 @@ def test_study_refuses_a_corrupt_results_file_in_one_line(tmp_path, capsys):
     assert stop.value.code == 2 and "unreadable" in err and "\n" not in err
 
 
-def test_balanced_masking_with_true_foreground_tightens_how_much_object_a_query_loses():
-    shares = study.mechanism(num_images=1000)
+def test_balanced_masking_with_true_foreground_tightens_how_much_object_a_query_loses(tmp_path):
+    shares, quality = study.mechanism(num_images=1000)
     random, gt = shares["random"], shares["balanced, true foreground (gt)"]
     assert 5 <= gt["median"] <= 25                                    # r ~ U(0.05, 0.25) of the object
     assert gt["p99"] < random["p99"] and gt["over_half"] <= random["over_half"]
-    assert "| random |" in study.mechanism_table(shares)
+    assert quality["true foreground (gt)"] == {"iou": 100.0, "precision": 100.0}
+    # Small objects: a random mask hides over half of one far more often; SCDA from a local network
+    from torchvision.models import resnet18
+    net = resnet18()
+    net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    torch.save(net.state_dict(), tmp_path / "supervised.pth")
+    small, small_quality = study.mechanism(num_images=1000, object_scale=(0.08, 0.15),
+                                           saliency_weights=str(tmp_path / "supervised.pth"))
+    assert small["random"]["over_half"] > 2 * random["over_half"] + 1
+    assert set(small) == {"random", "balanced, spectral saliency", "balanced, true foreground (gt)",
+                          "balanced, SCDA, supervised network"}
+    table = study.mechanism_table(small, small_quality)
+    assert "| random |" in table and "| SCDA, supervised network |" in table
 
 
 # ============================================================================ several processes (torchrun)
