@@ -41,10 +41,11 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import config
 import data
-import evaluate
 import masking
 import models
+import runs
 import train
 from losses import l2norm
 
@@ -182,7 +183,7 @@ CONFIGS = {"plain": ["--masking", "none"],
            "+ hard negative": ["--masking", "saliency", "--num-hard-negatives", "1"]}
 
 
-def step_setup(args, config):
+def step_setup(args, setting):
     """train.py's flags, objects and data for one configuration of the benchmark."""
     argv = ["--framework", args.framework, "--arch", args.arch, "--stem", args.stem,
             "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
@@ -190,8 +191,8 @@ def step_setup(args, config):
             "--strategy", args.strategy, "--augment", args.augment, "--compile", args.compile,
             "--out", "bench-not-written", *(["--workers", str(args.workers)] if args.workers is not None else []),
             *(["--channels-last"] if args.channels_last else []),
-            *CONFIGS[config]]
-    flags = train.parse_args(argv)
+            *CONFIGS[setting]]
+    flags = config.parse_args(argv)
     flags.epochs, flags.warmup_epochs = 1, 0.0
     dataset = data.pretrain_dataset("shapes", image_size=args.image_size, augment=args.augment,
                                     crop_scale=tuple(flags.crop_scale), shapes_size=(args.batch_size * 8, 1))
@@ -273,57 +274,57 @@ def bench_step(args, device):
     for name, seconds in parts.items():
         print(f"  {name:34s} {seconds * 1e3:9.2f} ms")
 
-    setups = {config: step_setup(args, config) for config in CONFIGS}
+    setups = {setting: step_setup(args, setting) for setting in CONFIGS}
     args.workers = setups["plain"][0].workers                          # as resolved, for --json
-    streams = {config: batches(loader) for config, (_, _, loader) in setups.items()}
+    streams = {setting: batches(loader) for setting, (_, _, loader) in setups.items()}
 
-    def steps(config):
-        flags, objects, _ = setups[config]
+    def steps(setting):
+        flags, objects, _ = setups[setting]
         for _ in range(args.steps):
-            train.train_step(flags, next(streams[config]), objects)
-    warmup = {config: median_seconds(lambda: steps(config), 1, device, warmup=False)   # and compile
-              for config in CONFIGS}
-    times = {config: [] for config in CONFIGS}
+            train.train_step(flags, next(streams[setting]), objects)
+    warmup = {setting: median_seconds(lambda: steps(setting), 1, device, warmup=False)   # and compile
+              for setting in CONFIGS}
+    times = {setting: [] for setting in CONFIGS}
     with synchronisations_recorded(args.sync_debug) as syncs:
         for _ in range(args.repeats):                                 # in turns: noise hits all alike
-            for config in CONFIGS:
-                times[config].append(median_seconds(lambda: steps(config), 1, device, warmup=False) / args.steps)
-    step = {config: statistics.median(t) for config, t in times.items()}
+            for setting in CONFIGS:
+                times[setting].append(median_seconds(lambda: steps(setting), 1, device, warmup=False) / args.steps)
+    step = {setting: statistics.median(t) for setting, t in times.items()}
     plain = step["plain"]
     report = {"parts_ms": {name: round(seconds * 1e3, 3) for name, seconds in parts.items()},
-              "whole_steps": {config: {"images_per_s": round(B / seconds, 1), "ms_per_step": round(seconds * 1e3, 3),
+              "whole_steps": {setting: {"images_per_s": round(B / seconds, 1), "ms_per_step": round(seconds * 1e3, 3),
                                        "against_plain": round(seconds / plain, 3),
-                                       "warmup_seconds": round(warmup[config], 2)}
-                              for config, seconds in step.items()}}
+                                       "warmup_seconds": round(warmup[setting], 2)}
+                              for setting, seconds in step.items()}}
     print(f"whole steps ({args.steps} per turn), images/s:")                # printed as written: rounded once
-    for config, figures in report["whole_steps"].items():
-        print(f"  {config:34s} {figures['images_per_s']:9.0f} img/s  {figures['ms_per_step']:8.1f} ms/step  "
+    for setting, figures in report["whole_steps"].items():
+        print(f"  {setting:34s} {figures['images_per_s']:9.0f} img/s  {figures['ms_per_step']:8.1f} ms/step  "
               f"{figures['against_plain']:5.2f}x plain  (warm-up{'' if args.compile == 'off' else ' + compile'}: "
               f"{figures['warmup_seconds']:.1f} s)")
     # The overhead: make_views of the method (saliency, masks, fills, the filter) less make_views
     # of a plain step (augmentation alone), each as the step runs it (compiled under --compile).
-    views = {config: views_seconds(*setups[config][:2], next(streams[config]), args.repeats, device)
-             for config in ("plain", "+ hard negative")}
+    views = {setting: views_seconds(*setups[setting][:2], next(streams[setting]), args.repeats, device)
+             for setting in ("plain", "+ hard negative")}
     overhead = views["+ hard negative"] - views["plain"]
-    report["views_ms"] = {config: round(seconds * 1e3, 3) for config, seconds in views.items()}
+    report["views_ms"] = {setting: round(seconds * 1e3, 3) for setting, seconds in views.items()}
     report["overhead_share_of_plain"] = round(overhead / plain, 4)
 
-    def kernels(config):                                  # a proxy for launches, eager only; no loading
-        flags, objects, _ = setups[config]
-        batch = [t.to(device) for t in next(streams[config])]
+    def kernels(setting):                                  # a proxy for launches, eager only; no loading
+        flags, objects, _ = setups[setting]
+        batch = [t.to(device) for t in next(streams[setting])]
         with torch.no_grad():
             views = kernel_ops(lambda: objects.views_fn(flags, batch, objects))
         return {"views": views, "step": kernel_ops(lambda: train.train_step(flags, batch, objects))}
     if args.compile == "off":
-        report["kernel_ops"] = {config: kernels(config) for config in ("plain", "+ hard negative")}
+        report["kernel_ops"] = {setting: kernels(setting) for setting in ("plain", "+ hard negative")}
     print(f"  views (make_views): plain {views['plain'] * 1e3:.2f} ms, the method "
           f"{views['+ hard negative'] * 1e3:.2f} ms; saliency + masks + fills: {overhead * 1e3:.2f} ms, "
           f"{100 * report['overhead_share_of_plain']:.1f} % of a plain step (target <= 10 %)")
     print(f"  the method: {step['+ hard negative'] / plain:.2f}x plain (target <= 1.45x)")
     if "kernel_ops" in report:
         print("  operators run on the device (about one kernel launch each): "
-              + "; ".join(f"{config}: views {ops['views']}, whole step {ops['step']}"
-                          for config, ops in report["kernel_ops"].items()))
+              + "; ".join(f"{setting}: views {ops['views']}, whole step {ops['step']}"
+                          for setting, ops in report["kernel_ops"].items()))
     if args.sync_debug:
         report["host_synchronisations"] = syncs
         print(f"  host synchronisations in {args.repeats * args.steps * len(CONFIGS)} timed steps: {len(syncs)}"
@@ -388,7 +389,7 @@ def bench_recipe(args, device):
                 "--compile", args.compile, "--out", os.path.join(workdir, "run"),
                 *(["--workers", str(args.workers)] if args.workers is not None else []),
                 *(["--channels-last"] if args.channels_last else [])]
-        flags = train.parse_args(argv)
+        flags = config.parse_args(argv)
         flags.epochs, flags.warmup_epochs = 1, 0.0
         datasets = {augment: data.pretrain_dataset("imagefolder", folder, args.image_size, augment=augment)
                     for augment in ("torchvision", "split")}
@@ -519,7 +520,7 @@ def main(argv=None):
     step.add_argument("--strategy", choices=masking.STRATEGIES, default="hp")
     step.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off")
     step.add_argument("--channels-last", action="store_true")
-    step.add_argument("--compile", nargs="?", const="default", default="off", choices=train.COMPILE_MODES,
+    step.add_argument("--compile", nargs="?", const="default", default="off", choices=config.COMPILE_MODES,
                       metavar="MODE", help="as train.py's: the framework and the view pipeline (each part on its "
                                            "own in the part-by-part split); the optimizer stays eager")
     step.add_argument("--augment", choices=["batched", "torchvision"], default="batched",
@@ -545,25 +546,25 @@ def main(argv=None):
         args.batch_size = (128 if args.device.startswith("cuda") else 8) if args.recipe else 256
     if args.recipe:                                                   # what it runs, for the JSON record
         if args.part != "step":
-            evaluate.fail(f"--recipe paper times the recipe's own parts: leave out --part {args.part}")
+            runs.fail(f"--recipe paper times the recipe's own parts: leave out --part {args.part}")
         args.image_size, args.arch = args.image_size or 224, args.arch or "resnet50"
         args.saliency, args.augment, args.stem, args.part = "pretrained", "split", "imagenet", "recipe"
     for flag in ("batch_size", "grid", "repeats", "steps", "image_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            evaluate.fail(f"--{flag.replace('_', '-')} {value}: need at least 1 (see python bench.py --help)")
+            runs.fail(f"--{flag.replace('_', '-')} {value}: need at least 1 (see python bench.py --help)")
     if args.workers is not None and args.workers < 0:
-        evaluate.fail(f"--workers {args.workers}: need at least 0")
+        runs.fail(f"--workers {args.workers}: need at least 0")
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        evaluate.fail(f"--device {args.device}: use cpu, cuda or cuda:N")
+        runs.fail(f"--device {args.device}: use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        evaluate.fail("--device cuda: no GPU is visible; use --device cpu")
+        runs.fail("--device cuda: no GPU is visible; use --device cpu")
     if args.sync_debug and device.type != "cuda":
-        evaluate.fail("--sync-debug: host synchronisations are a GPU's; leave it out on a CPU")
+        runs.fail("--sync-debug: host synchronisations are a GPU's; leave it out on a CPU")
     if args.json and os.path.isdir(args.json):
-        evaluate.fail(f"--json {args.json}: is a folder; give a file name, e.g. results/bench-h100.json")
+        runs.fail(f"--json {args.json}: is a folder; give a file name, e.g. results/bench-h100.json")
     if args.recipe:
         report = bench_recipe(args, device)
     elif args.part == "masking":
@@ -574,7 +575,7 @@ def main(argv=None):
         args.stem = args.stem or ("cifar" if device.type == "cuda" else "imagenet")
         report = (bench_step if args.part == "step" else bench_encoder)(args, device)
     if args.json:
-        evaluate.write_json(args.json, {"device": describe(device), "commit": evaluate.code_commit(),
+        runs.write_json(args.json, {"device": describe(device), "commit": runs.code_commit(),
                                         "torch": torch.__version__, "configuration": vars(args), **report})
         print(f"wrote {args.json}")
     return report

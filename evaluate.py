@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import pickle
-import subprocess
-import sys
 import time
 
 import torch
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 import data
 import masking
 import models
+import runs
 import saliency
 
 
@@ -222,34 +221,6 @@ def preprocessing(train_args):
     return facts
 
 
-def fail(message):
-    """A user-facing error: one line on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def write_json(path, value, indent=2):
-    """Write `value` as JSON to `path` atomically: a reader sees the old file or the new one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=indent)
-    os.replace(path + ".tmp", path)
-
-
-def code_commit():
-    """The project's commit, `-dirty` when a Python file or the requirements differ from it
-    (results files do not count); "unknown" outside a git checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "*.py", "requirements.txt"],
-                                 cwd=here, capture_output=True).returncode
-        return head + ("-dirty" if changed else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def supervised_baseline(dataset="shapes", *, arch="resnet18", stem="imagenet", image_size=32, epochs=5,
                         batch_size=128, lr=0.1, device="cpu", shapes_size=(20000, 5000), seed=0, save_weights=None):
     """How hard a dataset is: a ResNet trained with labels (MoCo v2 augmentation, SGD,
@@ -295,39 +266,6 @@ def supervised_baseline(dataset="shapes", *, arch="resnet18", stem="imagenet", i
     return results
 
 
-class CheckpointError(Exception):
-    """A checkpoint that is missing or unreadable; the message names the fix."""
-
-
-def read_checkpoint(path, flag="--checkpoint", *, mmap=False):
-    """The checkpoint dict, or CheckpointError with a one-line message. `mmap`: tensors stay
-    on disk until read (a cheap look at the flags)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{flag} {path}: no such file; pass the last.pt that train.py wrote")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as error:
-        raise CheckpointError(f"{flag} {path}: unreadable ({type(error).__name__}); it may be truncated: "
-                              f"use another checkpoint") from None
-    if not isinstance(checkpoint, dict) or not {"args", "model"} <= set(checkpoint):
-        raise CheckpointError(f"{flag} {path}: not a train.py checkpoint (it has no 'args' and 'model')")
-    return checkpoint
-
-
-def finite_weights(model):
-    """Whether every floating-point parameter and buffer of `model` is finite (one host sync)."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
-
-
-def load_checkpoint(path, flag="--checkpoint"):
-    """The checkpoint dict; a missing or unreadable file fails with one line."""
-    try:
-        return read_checkpoint(path, flag)
-    except CheckpointError as error:
-        fail(error)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="OUT/last.pt written by train.py")
@@ -366,42 +304,42 @@ def main(argv=None):
     for flag, value in (("--knn-k", args.knn_k), ("--probe-epochs", args.probe_epochs), ("--epochs", args.epochs),
                         ("--image-size", args.image_size)):
         if value is not None and value < 1:
-            fail(f"{flag} {value}: need at least 1")
+            runs.fail(f"{flag} {value}: need at least 1")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        fail(f"--device {args.device}: use cpu, cuda or cuda:N")
+        runs.fail(f"--device {args.device}: use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no GPU is visible; use --device cpu")
+        runs.fail("--device cuda: no GPU is visible; use --device cpu")
     if args.save_weights and not args.supervised:
-        fail("--save-weights writes the network of --supervised: add --supervised")
+        runs.fail("--save-weights writes the network of --supervised: add --supervised")
     if args.supervised:
         if args.save_weights:                                         # before the training, not after it
             folder = os.path.dirname(os.path.abspath(args.save_weights))
             if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                fail(f"--save-weights {args.save_weights}: cannot write into {folder}; pick another path")
+                runs.fail(f"--save-weights {args.save_weights}: cannot write into {folder}; pick another path")
         results = supervised_baseline(arch=args.arch, stem=args.stem, image_size=args.image_size or 32,
                                       epochs=args.epochs, device=device, save_weights=args.save_weights)
         print(json.dumps(results, indent=2))
         return results
     if not args.checkpoint:
-        fail("pass --checkpoint OUT/last.pt (or --supervised)")
-    checkpoint = load_checkpoint(args.checkpoint)
+        runs.fail("pass --checkpoint OUT/last.pt (or --supervised)")
+    checkpoint = runs.load_checkpoint(args.checkpoint)
     train_args = argparse.Namespace(**checkpoint["args"])
 
     model = models.build_model(train_args)
     model.load_state_dict(checkpoint["model"])
-    if not finite_weights(model):
-        fail(f"--checkpoint {args.checkpoint}: its weights are not finite (NaN or inf), so its figures would mean "
+    if not runs.finite_weights(model):
+        runs.fail(f"--checkpoint {args.checkpoint}: its weights are not finite (NaN or inf), so its figures would mean "
              f"nothing: evaluate an earlier checkpoint, or retrain with a lower --lr")
     if args.export:
         try:
             export_backbone(model, args.export, args.export_layout)
         except OSError as error:
-            fail(f"--export {args.export}: cannot write it ({error.strerror or error}); pick another path")
+            runs.fail(f"--export {args.export}: cannot write it ({error.strerror or error}); pick another path")
         facts = preprocessing(train_args)
         facts_path = os.path.splitext(args.export)[0] + ".preprocessing.json"
-        write_json(facts_path, facts)
+        runs.write_json(facts_path, facts)
         note = ("" if train_args.stem != "cifar" else "; it has the CIFAR stem: build the torchvision ResNet "
                 "with conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = nn.Identity() before loading")
         print(f"wrote the {train_args.arch} backbone to {args.export} ({args.export_layout} layout){note}")
@@ -443,7 +381,7 @@ def main(argv=None):
                 epochs=args.probe_epochs, milestones=(round(0.6 * args.probe_epochs), round(0.8 * args.probe_epochs)),
                 transform=transform), 2)
     except data.DataError as error:                                   # an unreadable image, maybe in a worker
-        fail(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1])
+        runs.fail(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1])
     if dataset == "shapes" and train_args.dataset == "shapes":
         sources = {"spectral": saliency.Saliency("spectral", train_args.grid),
                    "gt": saliency.Saliency("gt", train_args.grid)}
@@ -468,7 +406,7 @@ def main(argv=None):
     print(json.dumps(results, indent=2))
     name = "eval.json" if dataset == train_args.dataset and args.protocol == "fast" and args.split == "test" else \
         f"eval-{dataset}-{args.protocol}{'-val' * (args.split == 'val')}.json"
-    write_json(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name), results)
+    runs.write_json(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name), results)
     return results
 
 

@@ -293,3 +293,53 @@ class Masker:
         else:                                                         # mean
             filled = views.mean((2, 3), keepdim=True)
         return torch.where(pixel_mask, filled, views), pixel_mask
+
+
+# ----------------------------------------------------------------------------- the picture
+
+def save_view_grid(path, figures, query, key, negatives, grid, *, count=6, cell=96):
+    """A labelled PNG, one image per row: the augmented view, its foreground patches (green),
+    its query mask (red), the query and the key as the encoders see them, the first hard
+    negative (the columns that the run has). Views are scaled to `cell` px (nearest, so 32 px patches stay sharp); filtered
+    (hp) images are stretched to [0, 1] per image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    def stretch(x):
+        x = x[:count].float().cpu()
+        low, high = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
+        return (x - low) / (high - low + 1e-6)
+
+    def tint(x, mask, colour):                                        # mask: [n, 1 or C, H, W]
+        mask = mask[:count].float().mean(1, keepdim=True).cpu()
+        return x * (1 - 0.6 * mask) + torch.tensor(colour).view(1, 3, 1, 1) * 0.6 * mask
+
+    view = stretch(figures["view1"])
+    H, W = view.shape[-2:]
+    columns = [("view", view)]
+    if figures.get("fg") is not None:
+        fg = patch_to_pixel_mask(figures["fg"][:count, None].cpu(), grid, H, W)
+        columns.append(("foreground", tint(view, fg, [0.1, 0.9, 0.1])))
+    if "query_mask" in figures:
+        columns.append(("query mask", tint(view, figures["query_mask"], [0.95, 0.1, 0.1])))
+    columns += [("query", stretch(query)), ("key", stretch(key))]
+    if negatives is not None:
+        columns.append(("hard negative", stretch(negatives[:, 0])))
+    rows, header, footer, gap = len(view), 22, 34, 4
+    sheet = Image.new("RGB", (len(columns) * (cell + gap) + gap, header + rows * (cell + gap) + footer), "white")
+    draw = ImageDraw.Draw(sheet)
+    try:
+        font = ImageFont.load_default(size=11)
+    except (TypeError, OSError):                                      # a Pillow without FreeType
+        font = ImageFont.load_default()
+    for c, (label, images) in enumerate(columns):
+        x = gap + c * (cell + gap)
+        draw.text((x, 5), label, fill="black", font=font)
+        big = torch.nn.functional.interpolate(images, size=(cell, cell), mode="nearest")
+        for r in range(rows):
+            pixels = (big[r].clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            sheet.paste(Image.fromarray(pixels), (x, header + r * (cell + gap)))
+    draw.text((gap, header + rows * (cell + gap) + 3), "query, key, hard negative: as the encoders see them "
+              "(high-passed views stretched to full contrast).\nThe key is the image's other view; the hard "
+              "negative is the key with most of its foreground masked.", fill="black", font=font)
+    sheet.save(path)
+

@@ -28,9 +28,10 @@ import threading
 
 import torch
 
+import config
 import data
-import evaluate
 import masking
+import runs
 import saliency
 import train
 
@@ -78,7 +79,7 @@ def resolve(row, seed, train_args):
     flags stop the study with train.py's one-line error)."""
     framework, _, flags = ROWS[row - 1]
     argv = ["--framework", framework, *flags, *train_args, "--seed", str(seed), "--out", os.devnull]
-    return vars(train.parse_args(argv))
+    return vars(config.parse_args(argv))
 
 
 # Flags added after runs were recorded, with the value those runs had: a run that does not
@@ -116,7 +117,7 @@ def run_one(row, seed, args, lock):
         evaluation = json.load(f)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         final = [r for r in map(json.loads, f) if r.get("final")][-1]
-    record = {"row": row, "framework": framework, "name": name, "commit": evaluate.code_commit(), "args": resolved,
+    record = {"row": row, "framework": framework, "name": name, "commit": runs.code_commit(), "args": resolved,
               "split": args.split,
               "knn_top1": evaluation["knn_top1"], "linear_top1": evaluation["linear_top1"],
               "knn_top1_random_init": final["knn_top1_random_init"], "steps": final["step"],
@@ -124,7 +125,7 @@ def run_one(row, seed, args, lock):
     with lock:
         results = load(args.results)
         results.append(record)
-        evaluate.write_json(args.results, results, indent=1)
+        runs.write_json(args.results, results, indent=1)
     print(f"row {row} seed {seed}: kNN {record['knn_top1']:.2f} % (random init {record['knn_top1_random_init']:.2f}), "
           f"linear {record['linear_top1']:.2f} % ({framework}, {name})", flush=True)
 
@@ -137,10 +138,10 @@ def load(path):
         with open(path) as f:
             results = json.load(f)
     except (OSError, ValueError) as error:
-        evaluate.fail(f"--results {path}: unreadable ({type(error).__name__}); restore it from git or pass "
+        runs.fail(f"--results {path}: unreadable ({type(error).__name__}); restore it from git or pass "
                       f"another --results")
     if not isinstance(results, list):
-        evaluate.fail(f"--results {path}: not a JSON list of runs; restore it from git or pass another --results")
+        runs.fail(f"--results {path}: not a JSON list of runs; restore it from git or pass another --results")
     return results
 
 
@@ -232,14 +233,14 @@ def mechanism_table(shares, quality):
 def figure(path, train_args=(), count=6, seed=0):
     """The views of one batch of the default run (or of `train_args`), drawn as train.py
     draws its per-epoch grids: view, foreground, query mask, query, key, hard negative."""
-    args = train.parse_args(["--batch-size", "16", "--bn-splits", "2", "--queue-size", "64", "--device", "cpu",
+    args = config.parse_args(["--batch-size", "16", "--bn-splits", "2", "--queue-size", "64", "--device", "cpu",
                              "--out", os.devnull, *train_args])
     parts = train.build(args, steps_per_epoch=1)
     images, masks, labels = data.make_shapes(16, args.image_size, seed=seed + 2)
     torch.manual_seed(seed)
     with torch.no_grad():
         query, key, negatives, _, figures = train.make_views(args, (images, images, masks, masks, labels), parts)
-    train.save_view_grid(path, figures, query, key, negatives, args.grid, count=count)
+    masking.save_view_grid(path, figures, query, key, negatives, args.grid, count=count)
 
 
 def main(argv=None):
@@ -265,9 +266,9 @@ def main(argv=None):
     args, args.train_args = parser.parse_known_args(argv)             # the rest goes to train.py
     bad = [r for r in args.rows if not 1 <= r <= len(ROWS)]
     if bad:
-        evaluate.fail(f"--rows {bad[0]}: rows are 1-{len(ROWS)}")
+        runs.fail(f"--rows {bad[0]}: rows are 1-{len(ROWS)}")
     if args.jobs < 1 or args.threads < 1:
-        evaluate.fail(f"--jobs {args.jobs} --threads {args.threads}: need at least 1 of each")
+        runs.fail(f"--jobs {args.jobs} --threads {args.threads}: need at least 1 of each")
     if args.mechanism:
         for scale in MECHANISM_SCALES:
             print(f"\nobjects of radius {scale[0]}-{scale[1]} of the side{' (the default)' * (scale == data.OBJECT_SCALE)}:")

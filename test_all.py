@@ -25,11 +25,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import bench
+import config
 import data
 import evaluate
 import losses
 import masking
 import models
+import runs
 import saliency
 import study
 import train
@@ -494,7 +496,7 @@ def test_a_compiled_step_computes_what_an_eager_one_does(device, tmp_path):
     runs = {}
     for mode in ("off", "default"):
         torch.manual_seed(0)
-        args = train.parse_args(argv + ["--compile", mode])
+        args = config.parse_args(argv + ["--compile", mode])
         runs[mode] = (args, train.build(args, steps_per_epoch=10))
     (args, eager), (_, compiled) = runs["off"], runs["default"]
     x = torch.randn(256, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
@@ -923,10 +925,10 @@ def test_release_pairing_refuses_settings_where_the_release_cannot_run(tmp_path,
     for argv, fix in [([], "--stem cifar or --image-size 33 or more"), (["--framework", "simclr"], "--framework moco"),
                       (["--image-size", "64", "--num-hard-negatives", "20"], "a batch of 160 or more")]:
         with pytest.raises(SystemExit) as stop:
-            train.parse_args(base + argv)
+            config.parse_args(base + argv)
         err = capsys.readouterr().err.strip()
         assert stop.value.code == 2 and fix in err and "\n" not in err, err
-    args = train.parse_args(base + ["--image-size", "64"])
+    args = config.parse_args(base + ["--image-size", "64"])
     assert args.hard_negative_pairing == "release" and args.bn_splits == 8
 
 
@@ -1011,7 +1013,7 @@ def test_the_object_scale_sets_the_shapes_radius_and_the_default_is_unchanged(ca
     assert 0.81 * math.pi * 0.08 ** 2 * 0.8 < area(small, circle) < 0.81 * math.pi * 0.15 ** 2 * 1.2
     for scale in (["0", "0.1"], ["0.2", "0.1"], ["0.3", "0.6"]):
         with pytest.raises(SystemExit):
-            train.parse_args(["--shapes-object-scale", *scale, "--out", "unused"])
+            config.parse_args(["--shapes-object-scale", *scale, "--out", "unused"])
         err = capsys.readouterr().err.strip()
         assert "need 0 < LO <= HI <= 0.5" in err and "\n" not in err
 
@@ -1326,7 +1328,7 @@ def losses_of(folder):
 
 
 def test_shapes_departs_from_the_paper_only_in_its_documented_defaults(tmp_path):
-    parse = lambda *argv: train.parse_args([*argv, "--device", "cpu", "--out", str(tmp_path / "out")])
+    parse = lambda *argv: config.parse_args([*argv, "--device", "cpu", "--out", str(tmp_path / "out")])
     shapes, cifar = parse(), parse("--dataset", "cifar10")
     # The README's departures for the CPU demo: larger crops, a warm-up epoch, alpha 1.
     assert (shapes.crop_scale, shapes.warmup_epochs, shapes.alpha) == ([0.85, 1.0], 1.0, 1.0)
@@ -1430,7 +1432,7 @@ def test_self_saliency_reuses_the_key_pass(tmp_path, monkeypatch):
 
 
 def test_high_pass_control_filters_every_view_without_masking(tmp_path):
-    parse = lambda *argv: train.parse_args([*argv, "--batch-size", "16", "--bn-splits", "2", "--queue-size", "64",
+    parse = lambda *argv: config.parse_args([*argv, "--batch-size", "16", "--bn-splits", "2", "--queue-size", "64",
                                             "--device", "cpu", "--out", str(tmp_path / "out")])
     assert (parse().high_pass, parse("--masking", "none").high_pass) == ("on", "off")     # the paper's pairing
     assert parse("--strategy", "blur").high_pass == "off" and parse("--strategy", "blur", "--high-pass", "on").high_pass == "on"
@@ -1447,7 +1449,7 @@ def test_high_pass_control_filters_every_view_without_masking(tmp_path):
 
 
 def test_self_saliency_passes_leave_the_running_statistics_alone(tmp_path):
-    args = train.parse_args(["--saliency", "self", "--num-hard-negatives", "0", "--image-size", "64",
+    args = config.parse_args(["--saliency", "self", "--num-hard-negatives", "0", "--image-size", "64",
                              "--batch-size", "16", "--bn-splits", "2", "--queue-size", "64",
                              "--device", "cpu", "--out", str(tmp_path / "out")])
     parts = train.build(args, steps_per_epoch=4)
@@ -1474,7 +1476,7 @@ def test_release_pairing_trains(tmp_path):
 
 
 def test_byol_training_follows_the_cosine_momentum(tmp_path):
-    args = train.parse_args(["--framework", "byol", "--masking", "none", "--batch-size", "16",
+    args = config.parse_args(["--framework", "byol", "--masking", "none", "--batch-size", "16",
                              "--bn-splits", "2", "--device", "cpu", "--out", str(tmp_path / "out")])
     parts = train.build(args, steps_per_epoch=2)                      # 8 epochs: 16 steps
     views = data.make_shapes(16, 32)
@@ -1487,15 +1489,17 @@ def test_byol_training_follows_the_cosine_momentum(tmp_path):
     assert momenta[0] == args.moco_momentum < momenta[1] < momenta[2] < 1
 
 
+# ============================================================================ config.py: flags, recipes, checks
+
 def test_compile_is_off_by_default_and_a_bare_flag_means_torch_compiles_default(tmp_path):
-    parse = lambda *argv: train.parse_args([*argv, "--out", str(tmp_path / "out")]).compile
+    parse = lambda *argv: config.parse_args([*argv, "--out", str(tmp_path / "out")]).compile
     assert (parse(), parse("--compile"), parse("--compile", "max-autotune"), parse("--compile", "off")) == \
         ("off", "default", "max-autotune", "off")
     assert parse("--compile", "--seed", "1") == "default"                  # the next flag is not its value
 
 
 def test_bn_splits_default_to_32_images_each_for_the_paper_recipe(tmp_path):
-    parse = lambda *argv: train.parse_args([*argv, "--framework", "simclr", "--device", "cpu",
+    parse = lambda *argv: config.parse_args([*argv, "--framework", "simclr", "--device", "cpu",
                                             "--out", str(tmp_path / "out")])
     assert parse().bn_splits == 8                                     # small images: MoCo's CIFAR demo
     assert parse("--dataset", "imagefolder", "--batch-size", "128").bn_splits == 4   # the release: 4 GPUs x 32
@@ -1506,7 +1510,7 @@ def test_bn_splits_default_to_32_images_each_for_the_paper_recipe(tmp_path):
 
 def test_bn_splits_default_divides_over_torchrun_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
-    parse = lambda *argv: train.parse_args([*argv, "--framework", "simclr", "--device", "cpu",
+    parse = lambda *argv: config.parse_args([*argv, "--framework", "simclr", "--device", "cpu",
                                             "--out", str(tmp_path / "out")])
     assert parse("--dataset", "imagefolder", "--batch-size", "128").bn_splits == 8   # 16 each: per-GPU BN
     assert parse("--dataset", "imagefolder", "--batch-size", "512").bn_splits == 16  # 32 each, 2 per GPU
@@ -1592,6 +1596,8 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys):
         assert stop.value.code == 2 and message in err and "\n" not in err
 
 
+# ============================================================================ runs.py: resume checks, the folder and its lock, signals, checkpoints
+
 @pytest.fixture(scope="module")
 def one_step_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("one-step")
@@ -1634,7 +1640,7 @@ def test_a_resume_writes_only_into_its_checkpoints_folder_or_an_empty_one(tmp_pa
     (tmp_path / "c").mkdir()                                          # an empty folder takes it
     assert run_train(tmp_path, "--framework", "simclr", "--epochs", "1", "--max-steps", "2", "--resume",
                      str(tmp_path / "b" / "last.pt"), out="c")["step"] == 2
-    args = train.parse_args(["--framework", "simclr", "--resume", str(tmp_path / "b" / "last.pt")])
+    args = config.parse_args(["--framework", "simclr", "--resume", str(tmp_path / "b" / "last.pt")])
     assert args.out == str(tmp_path / "b")                            # no --out: where it came from
 
 
@@ -1704,8 +1710,8 @@ def test_a_signal_inside_an_epoch_saves_its_position_and_resume_auto_repeats_not
 
 def test_save_every_checkpoints_inside_the_epoch(tmp_path, monkeypatch):
     saved = []
-    save = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda path, state: saved.append(state["step"]) or save(path, state))
+    save = runs.save_checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", lambda path, state: saved.append(state["step"]) or save(path, state))
     run_train(tmp_path, "--epochs", "1", "--max-steps", "3", "--save-every", "1e-9")
     assert saved == [1, 2, 3]                                          # after each step, then at the stop
 
@@ -1752,6 +1758,8 @@ def test_a_failed_save_removes_its_temporary_file_and_keeps_the_last_checkpoint(
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
     assert not (tmp_path / "run" / "last.pt.tmp").exists() and not (tmp_path / "run" / "train.lock").exists()
 
+
+# ============================================================================ evaluate.py, on trained checkpoints
 
 def test_evaluate_reads_everything_from_the_checkpoint(tmp_path, monkeypatch):
     run_train(tmp_path, "--epochs", "1", "--augment", "torchvision")       # the reference augmentation
@@ -2048,8 +2056,8 @@ def test_bench_json_holds_what_it_printed_with_device_commit_and_flags(tmp_path,
     assert written["configuration"]["batch_size"] == 16 and written["configuration"]["stem"] == "imagenet"
     assert "threads" in written["device"] and (written["commit"] == "unknown" or
                                                len(written["commit"].removesuffix("-dirty")) >= 7)
-    for config, figures in written["whole_steps"].items():              # the printed images/s, rounded
-        assert f"{config:34s} {figures['images_per_s']:9.0f} img/s" in out
+    for setting, figures in written["whole_steps"].items():              # the printed images/s, rounded
+        assert f"{setting:34s} {figures['images_per_s']:9.0f} img/s" in out
     assert f"{100 * written['overhead_share_of_plain']:.1f} % of a plain step" in out
     assert not list(path.parent.glob("*.tmp"))
 
@@ -2129,7 +2137,7 @@ def framework_steps(name, world, steps=3, batch=16, bn_splits=4, size=32):
     model = {"moco": lambda: models.MoCo(encoder, queue_size=64, momentum=0.9, temperature=0.2, alpha=2.0),
              "simclr": lambda: models.SimCLR(encoder, temperature=0.2, alpha=2.0),
              "byol": lambda: models.BYOL(encoder, hidden_dim=64, dim=32, momentum=0.9)}[name]().train()
-    step_fn = train.distributed(model, torch.device("cpu"))
+    step_fn = runs.distributed(model, torch.device("cpu"))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9,
                                 weight_decay=1e-4)
     g = torch.Generator().manual_seed(1)
@@ -2190,7 +2198,7 @@ def test_torchrun_flags_that_do_not_split_over_the_processes_are_refused(tmp_pat
     monkeypatch.setenv("WORLD_SIZE", "2")
     for argv in (["--batch-size", "30", "--bn-splits", "3"], ["--batch-size", "33", "--bn-splits", "1"]):
         with pytest.raises(SystemExit) as stop:
-            train.parse_args(argv + ["--queue-size", "960", "--out", str(tmp_path / "out")])
+            config.parse_args(argv + ["--queue-size", "960", "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip()
         assert stop.value.code == 2 and "must divide by the 2 processes" in err and "\n" not in err
 
@@ -2238,11 +2246,11 @@ def test_resume_keeps_the_checkpoints_batchnorm_groups_on_any_process_count_that
     argv = ["--dataset", "imagefolder", "--batch-size", "128", "--resume", str(last), "--out", str(tmp_path / "o")]
     for world in ("1", "2", "4"):
         monkeypatch.setenv("WORLD_SIZE", world)
-        assert train.parse_args(argv).bn_splits == 4
+        assert config.parse_args(argv).bn_splits == 4
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert train.parse_args(argv[:4] + ["--out", str(tmp_path / "o")]).bn_splits == 8     # a fresh run: 16 each
+    assert config.parse_args(argv[:4] + ["--out", str(tmp_path / "o")]).bn_splits == 8     # a fresh run: 16 each
     with pytest.raises(SystemExit) as stop:
-        train.parse_args(argv)
+        config.parse_args(argv)
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and "resume it on 1, 2 or 4 processes" in err and "\n" not in err
 
