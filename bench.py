@@ -183,17 +183,25 @@ CONFIGS = {"plain": ["--masking", "none"],
            "+ hard negative": ["--masking", "saliency", "--num-hard-negatives", "1"]}
 
 
-def step_setup(args, setting):
-    """train.py's flags, objects and data for one configuration of the benchmark."""
+def train_flags(args, setting):
+    """train.py's flags for one configuration of the benchmark; a bad value stops bench.py in
+    one line (before anything is timed: main checks them first)."""
     argv = ["--framework", args.framework, "--arch", args.arch, "--stem", args.stem,
             "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
             "--device", args.device, "--amp", args.amp, "--saliency", args.saliency,
             "--strategy", args.strategy, "--augment", args.augment, "--compile", args.compile,
             "--out", "bench-not-written", *(["--workers", str(args.workers)] if args.workers is not None else []),
+            *(["--bn-splits", str(args.bn_splits)] if args.bn_splits is not None else []),
             *(["--channels-last"] if args.channels_last else []),
             *CONFIGS[setting]]
-    flags = config.parse_args(argv)
+    flags = config.parse_args(argv, prog="bench.py")
     flags.epochs, flags.warmup_epochs = 1, 0.0
+    return flags
+
+
+def step_setup(args, setting):
+    """train.py's flags, objects and data for one configuration of the benchmark."""
+    flags = train_flags(args, setting)
     dataset = data.pretrain_dataset("shapes", image_size=args.image_size, augment=args.augment,
                                     crop_scale=tuple(flags.crop_scale), shapes_size=(args.batch_size * 8, 1))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
@@ -502,7 +510,7 @@ def describe(device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["step", "masking", "encoder"], default="step", help="what to time")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 (--recipe paper: 128, CPU 8)")
@@ -525,6 +533,8 @@ def main(argv=None):
                                            "own in the part-by-part split); the optimizer stays eager")
     step.add_argument("--augment", choices=["batched", "torchvision"], default="batched",
                       help="batched: on the device (train.py's default); torchvision: per image in the loader")
+    step.add_argument("--bn-splits", type=int, default=None,
+                      help="BatchNorm sub-batches (default: train.py's, 8 at 32 px: --batch-size must divide by it)")
     step.add_argument("--workers", type=int, default=None,
                       help="loader workers (default: train.py's; the batched augmentation runs on the device)")
     step.add_argument("--steps", type=int, default=10, help="steps per timed turn")
@@ -565,6 +575,8 @@ def main(argv=None):
         runs.fail("--sync-debug: host synchronisations are a GPU's; leave it out on a CPU")
     if args.json and os.path.isdir(args.json):
         runs.fail(f"--json {args.json}: is a folder; give a file name, e.g. results/bench-h100.json")
+    if args.json and not runs.can_write(args.json):                   # before the benchmark, not after it
+        runs.fail(f"--json {args.json}: cannot write there; pick another path")
     if args.recipe:
         report = bench_recipe(args, device)
     elif args.part == "masking":
@@ -573,6 +585,8 @@ def main(argv=None):
     else:
         args.image_size, args.arch = args.image_size or 32, args.arch or "resnet18"
         args.stem = args.stem or ("cifar" if device.type == "cuda" else "imagenet")
+        if args.part == "step":
+            train_flags(args, "+ hard negative")                      # bad values: one line, before any timing
         report = (bench_step if args.part == "step" else bench_encoder)(args, device)
     if args.json:
         runs.write_json(args.json, {"device": describe(device), "commit": runs.code_commit(),

@@ -7,7 +7,6 @@ checks that refuse a bad value in one line before anything is written.
     >>> args.alpha, args.temperature, args.queue_size, args.bn_splits
     (2.0, 0.2, 65536, 4)
 """
-import argparse
 import math
 import os
 
@@ -36,13 +35,10 @@ OTHER_DATASETS = {"epochs": 200, "warmup_epochs": 0.0, "crop_scale": list(data.C
 IMAGE_SIZE = {"shapes": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224}
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):                                         # one line, exit code 2
-        runs.fail(f"{message} (see python train.py --help)")
-
-
-def parse_args(argv=None):
-    p = OneLineParser(description="Pre-train a ResNet with saliency-guided masking and masked hard negatives, "
+def parse_args(argv=None, prog="train.py"):
+    """train.py's flags from `argv`, defaults filled and checked (a bad value: one line naming
+    `prog`'s --help, exit 2)."""
+    p = runs.OneLineParser(prog=prog, description="Pre-train a ResNet with saliency-guided masking and masked hard negatives, "
                                     "on one device or, under torchrun, on several.")
     a = p.add_argument
     a("--framework", choices=list(models.FRAMEWORKS), default="moco", help="contrastive framework (default moco = MoCo v2)")
@@ -206,7 +202,7 @@ BOUNDS = [("epochs", 1, False), ("max_steps", 0, False), ("batch_size", 1, False
           ("lr", 0, True), ("weight_decay", 0, False), ("warmup_epochs", 0, False), ("alpha", 0, False),
           ("temperature", 0, True), ("queue_size", 1, False), ("num_hard_negatives", 0, False),
           ("moco_momentum", 0, False), ("subset", 0, False), ("workers", 0, False), ("knn_every", 0, False),
-          ("log_every", 0, False), ("save_every", 0, False)]
+          ("log_every", 0, False), ("save_every", 0, False), ("seed", 0, False)]
 
 
 
@@ -255,6 +251,11 @@ def check_args(p, args):
         p.error(f"--crop-scale {args.crop_scale[0]} {args.crop_scale[1]}: need 0 < LO <= HI <= 1")
     if args.batch_size % args.bn_splits:
         p.error(f"--batch-size {args.batch_size} does not divide into --bn-splits {args.bn_splits}")
+    queue_gb = args.queue_size * 128 * 4 / 2 ** 30                     # the MoCo queue: K 128-d float32 keys
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    if args.framework == "moco" and queue_gb > memory_gb / 4:
+        p.error(f"--queue-size {args.queue_size}: its queue of 128-d keys takes {queue_gb:.0f} GB, more than a "
+                f"quarter of this machine's {memory_gb:.0f} GB (the paper's is 65536, 32 MB)")
     if args.framework == "moco" and args.queue_size % args.batch_size:
         p.error(f"--queue-size {args.queue_size} is not a multiple of --batch-size {args.batch_size}")
     if args.num_hard_negatives and args.framework == "byol":

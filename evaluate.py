@@ -267,7 +267,7 @@ def supervised_baseline(dataset="shapes", *, arch="resnet18", stem="imagenet", i
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.OneLineParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="OUT/last.pt written by train.py")
     parser.add_argument("--supervised", action="store_true",
                         help="instead: train a ResNet-18 with labels on shapes and report how hard it is")

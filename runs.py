@@ -8,6 +8,7 @@ or saliency: train.py's loop uses it, and so do evaluate.py, bench.py and study.
     ...     runs.save_checkpoint("runs/x/last.pt", {"args": {}, "model": {}, "step": 1})   # atomic
     >>> runs.read_checkpoint("runs/x/last.pt")                          # or CheckpointError, one line
 """
+import argparse
 import atexit
 import contextlib
 import fcntl
@@ -20,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -38,12 +40,33 @@ def fail(message):
     sys.exit(2)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that answers a bad flag in one line (exit 2) instead of the whole usage."""
+
+    def error(self, message):
+        fail(f"{message} (see python {self.prog} --help)")
+
+
 def write_json(path, value, indent=2):
     """Write `value` as JSON to `path` atomically: a reader sees the old file or the new one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(value, f, indent=indent)
     os.replace(path + ".tmp", path)
+
+
+def can_write(path):
+    """Whether `path` can be written (its folder, or the nearest folder above that exists, is
+    writable): checked before a long job, not after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):                # a try, not permission bits (root, read-only mounts)
+            pass
+    except OSError:
+        return False
+    return not os.path.isdir(path)
 
 
 def code_commit():

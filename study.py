@@ -139,9 +139,11 @@ def load(path):
             results = json.load(f)
     except (OSError, ValueError) as error:
         runs.fail(f"--results {path}: unreadable ({type(error).__name__}); restore it from git or pass "
-                      f"another --results")
-    if not isinstance(results, list):
-        runs.fail(f"--results {path}: not a JSON list of runs; restore it from git or pass another --results")
+                  f"another --results")
+    if not isinstance(results, list) or not all(isinstance(r, dict) and isinstance(r.get("args"), dict)
+                                                for r in results):
+        runs.fail(f"--results {path}: not a JSON list of study.py's run records (each with its flags under 'args'); "
+                  f"restore it from git or pass another --results")
     return results
 
 
@@ -244,7 +246,7 @@ def figure(path, train_args=(), count=6, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.OneLineParser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=list(range(1, len(ROWS) + 1)),
                         help=f"row numbers, 1-{len(ROWS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,

@@ -1554,6 +1554,8 @@ def test_bn_splits_default_divides_over_torchrun_processes(tmp_path, monkeypatch
     (["--shapes-size", "0", "10"], "--shapes-size 0 10"),
     (["--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"),
     (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
+    (["--seed", "-5"], "--seed -5: need a value >= 0"),                # numpy's seed raised a traceback
+    (["--queue-size", "32000000000", "--batch-size", "128"], "--queue-size 32000000000: its queue of 128-d keys"),
     # runs that could do nothing
     (["--shapes-size", "16", "8", "--batch-size", "32", "--bn-splits", "2", "--queue-size", "64"], "larger than the 16"),
     (["--shapes-size", "64", "8", "--subset", "8", "--batch-size", "32", "--bn-splits", "2", "--queue-size", "64"],
@@ -1652,6 +1654,14 @@ def test_resume_keeps_the_complete_records_of_a_damaged_metrics_file(tmp_path, c
     run_train(tmp_path, "--epochs", "2", "--resume", "auto")
     assert "2 damaged or blank line(s) dropped" in capsys.readouterr().err
     assert sorted(losses_of(tmp_path / "run")) == list(range(1, 9))
+
+
+def test_a_finished_run_resumed_does_nothing_and_keeps_its_one_final_record(tmp_path, capsys):
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "2")
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert run_train(tmp_path, "--epochs", "1", "--max-steps", "2", "--resume", "auto") == {"step": 2}
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before     # it appended a second final record
+    assert "the run is finished, nothing to do" in capsys.readouterr().out
 
 
 def test_resume_auto_starts_fresh_then_continues_and_drops_the_records_of_lost_steps(tmp_path):
@@ -1787,6 +1797,13 @@ def test_evaluate_reads_everything_from_the_checkpoint(tmp_path, monkeypatch):
     ("bench", ["--device", "gpu"], "--device gpu"), ("study", ["--jobs", "0"], "--jobs 0"),
     ("bench", ["--device", "cpu", "--sync-debug"], "--sync-debug: host synchronisations are a GPU's"),
     ("bench", ["--device", "cpu", "--json", "."], "--json .: is a folder"),
+    # checked before the benchmark runs (it wrote nothing after minutes of timing)
+    ("bench", ["--device", "cpu", "--json", "/proc/bench/cpu.json"], "--json /proc/bench/cpu.json: cannot write"),
+    # train.py's checks name bench.py's flags and help (they named --bn-splits, which bench.py lacked)
+    ("bench", ["--device", "cpu", "--batch-size", "100"], "--bn-splits 8 (see python bench.py --help)"),
+    # a bad flag: one line, not the whole usage
+    ("evaluate", ["--bogus"], "unrecognized arguments: --bogus (see python evaluate.py --help)"),
+    ("bench", ["--part", "nope"], "invalid choice: 'nope'"), ("study", ["--rows", "x"], "invalid int value: 'x'"),
 ])
 def test_evaluate_bench_and_study_refuse_values_outside_their_meaning(capsys, main, argv, message):
     with pytest.raises(SystemExit) as stop:
@@ -2000,7 +2017,7 @@ def test_bench_times_every_part_and_the_three_configurations(capsys, augment):
     args = argparse.Namespace(framework="moco", arch="resnet18", stem="imagenet", image_size=32, batch_size=16,
                               device="cpu", amp="off", saliency="spectral", strategy="hp", augment=augment,
                               workers=0, channels_last=False, compile="off", repeats=1, steps=1, sync_debug=False,
-                              no_parts=False)
+                              no_parts=False, bn_splits=None)
     report = bench.bench_step(args, torch.device("cpu"))
     steps = report["whole_steps"]
     assert list(steps) == list(bench.CONFIGS) and all(0 < s["ms_per_step"] < 60_000 for s in steps.values())
@@ -2098,11 +2115,13 @@ def test_study_exits_non_zero_and_lists_the_failed_runs(tmp_path, monkeypatch, c
 
 
 def test_study_refuses_a_corrupt_results_file_in_one_line(tmp_path, capsys):
-    (tmp_path / "r.json").write_text("[{\"row\": 1,")
-    with pytest.raises(SystemExit) as stop:
-        study.main(["--table", "--results", str(tmp_path / "r.json")])
-    err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and "unreadable" in err and "\n" not in err
+    for text, message in (("[{\"row\": 1,", "unreadable"), ("[1, 2]", "not a JSON list of study.py's run records"),
+                          ("[{\"args\": 5}]", "not a JSON list of study.py's run records")):   # both were tracebacks
+        (tmp_path / "r.json").write_text(text)
+        with pytest.raises(SystemExit) as stop:
+            study.main(["--table", "--results", str(tmp_path / "r.json")])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and message in err and "\n" not in err
 
 
 def test_balanced_masking_with_true_foreground_tightens_how_much_object_a_query_loses(tmp_path):

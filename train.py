@@ -190,6 +190,10 @@ def run(args, checkpoint, train_set, steps_per_epoch, stop):
         runs.seed_all(args.seed + rank)
     state = Run(args, parts, steps_per_epoch, stop)
     state.restore(checkpoint)
+    if checkpoint and state.step >= state.stop_at:                   # a finished run: its final record stands
+        state.say(f"{args.resume} is at step {state.step} of {state.stop_at}: the run is finished, nothing to do "
+                  f"(its figures are in {os.path.join(args.out, 'metrics.jsonl')})")
+        return {"step": state.step}
     state.begin(len(train_set))
     while state.epoch < args.epochs and not state.done:
         figures, views = state.train_epoch(train_set)
