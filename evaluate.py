@@ -186,15 +186,21 @@ def export_backbone(model, path, layout="torchvision"):
     The file is written atomically."""
     state = backbone_state(model)
     tmp = path + ".tmp"
-    if layout == "detectron2":
-        weights = {detectron2_name(name): tensor.numpy() for name, tensor in state.items()
-                   if not name.endswith("num_batches_tracked")}
-        with open(tmp, "wb") as f:
-            pickle.dump({"model": weights, "__author__": "MOCO", "matching_heuristics": True}, f)
-    else:
-        torch.save(state if layout == "torchvision" else
-                   {"state_dict": {f"module.encoder_q.{name}": tensor for name, tensor in state.items()}}, tmp)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if layout == "detectron2":
+            weights = {detectron2_name(name): tensor.numpy() for name, tensor in state.items()
+                       if not name.endswith("num_batches_tracked")}
+            with open(tmp, "wb") as f:
+                pickle.dump({"model": weights, "__author__": "MOCO", "matching_heuristics": True}, f)
+        else:
+            torch.save(state if layout == "torchvision" else
+                       {"state_dict": {f"module.encoder_q.{name}": tensor for name, tensor in state.items()}}, tmp)
+        os.replace(tmp, path)
+    except BaseException:                                             # a full disk, a folder in the way, Ctrl-C
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
 
 
 def trained_on_high_pass(train_args):
@@ -333,10 +339,14 @@ def main(argv=None):
         runs.fail(f"--checkpoint {args.checkpoint}: its weights are not finite (NaN or inf), so its figures would mean "
              f"nothing: evaluate an earlier checkpoint, or retrain with a lower --lr")
     if args.export:
+        if os.path.isdir(args.export):                                # it left a 45 MB EXPORT.tmp behind
+            runs.fail(f"--export {args.export}: is a folder; give a file name, e.g. "
+                      f"{args.export.rstrip('/')}/backbone.pth")
         try:
             export_backbone(model, args.export, args.export_layout)
-        except OSError as error:
-            runs.fail(f"--export {args.export}: cannot write it ({error.strerror or error}); pick another path")
+        except (OSError, RuntimeError) as error:                      # torch.save raises RuntimeError
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+            runs.fail(f"--export {args.export}: cannot write it ({reason}); pick another path")
         facts = preprocessing(train_args)
         facts_path = os.path.splitext(args.export)[0] + ".preprocessing.json"
         runs.write_json(facts_path, facts)

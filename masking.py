@@ -23,6 +23,7 @@ Every image of a batch is handled in one tensor program: no Python loop over ima
 Depends on torch and saliency.py (for the separable Gaussian blur).
 """
 import math
+import os
 
 import torch
 
@@ -300,8 +301,8 @@ class Masker:
 def save_view_grid(path, figures, query, key, negatives, grid, *, count=6, cell=96):
     """A labelled PNG, one image per row: the augmented view, its foreground patches (green),
     its query mask (red), the query and the key as the encoders see them, the first hard
-    negative (the columns that the run has). Views are scaled to `cell` px (nearest, so 32 px patches stay sharp); filtered
-    (hp) images are stretched to [0, 1] per image."""
+    negative (the columns that the run has). Views are scaled to `cell` px (nearest, so 32 px
+    patches stay sharp); filtered (hp) images are stretched to [0, 1] per image. Written atomically."""
     from PIL import Image, ImageDraw, ImageFont
 
     def stretch(x):
@@ -341,5 +342,6 @@ def save_view_grid(path, figures, query, key, negatives, grid, *, count=6, cell=
     draw.text((gap, header + rows * (cell + gap) + 3), "query, key, hard negative: as the encoders see them "
               "(high-passed views stretched to full contrast).\nThe key is the image's other view; the hard "
               "negative is the key with most of its foreground masked.", fill="black", font=font)
-    sheet.save(path)
+    sheet.save(path + ".tmp", format="PNG")                          # atomic: a full disk leaves no half picture
+    os.replace(path + ".tmp", path)
 

@@ -388,7 +388,9 @@ def lock_out_folder(out):
 
 @contextlib.contextmanager
 def out_folder(out):
-    """The output folder, made and locked for this run (one line when it cannot be written)."""
+    """The output folder, made and locked for this run (one line when it cannot be written).
+    A folder this run made and left empty (a refusal before the first write) is removed."""
+    made = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
         release = lock_out_folder(out)
@@ -398,6 +400,8 @@ def out_folder(out):
         yield
     finally:
         release()
+        if made and not os.listdir(out):
+            os.rmdir(out)
 
 
 def open_metrics(path, checkpoint):

@@ -1581,6 +1581,34 @@ def test_an_empty_or_unusable_out_is_refused_in_one_line(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
+def test_a_refusal_after_the_folder_is_made_leaves_no_empty_out(tmp_path, capsys):
+    """Bad saliency weights are found once the run has made and locked --out: it stayed, empty."""
+    (tmp_path / "weights.pth").write_bytes(b"not weights")
+    with pytest.raises(SystemExit) as stop:
+        run_train(tmp_path, "--epochs", "1", "--saliency", "pretrained", "--saliency-weights",
+                  str(tmp_path / "weights.pth"))
+    assert stop.value.code == 2 and "not a readable torch state_dict" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()                                       # a folder the user made stays
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, "--epochs", "1", "--saliency", "pretrained", "--saliency-weights",
+                  str(tmp_path / "weights.pth"), out="kept")
+    assert (tmp_path / "kept").is_dir()
+
+
+def test_a_picture_that_cannot_be_written_warns_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    def full_disk(self, path, *args, **kwargs):
+        open(path, "wb").close()                                      # a 0-byte file, then the disk is full
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    result = run_train(tmp_path, "--epochs", "1", "--max-steps", "2")
+    assert result["step"] == 2 and (tmp_path / "run" / "last.pt").exists()
+    assert "could not write" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("views_epoch*"))            # neither a 0-byte PNG nor its .tmp
+
+
 def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys):
     run_train(tmp_path, "--epochs", "1", "--max-steps", "1")
     capsys.readouterr()                                               # its own lines (a one-step run may end below random init)
@@ -1829,6 +1857,20 @@ def test_a_trained_checkpoint_beats_its_random_init_encoder_on_the_same_split(tr
     val = evaluate.main(["--checkpoint", str(trained_checkpoint), "--probe-epochs", "3", "--split", "val"])
     assert val["split"] == "val" and val["knn_top1"] != results["knn_top1"]        # another set of images
     assert (trained_checkpoint.parent / "eval-shapes-fast-val.json").exists()
+
+
+def test_export_to_a_folder_is_refused_and_leaves_no_temporary_file(trained_checkpoint, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--checkpoint", str(trained_checkpoint), "--export", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "is a folder" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["out"]                            # it left out.tmp, 45 MB
+    with pytest.raises(SystemExit) as stop:                           # torch.save's RuntimeError was a traceback
+        evaluate.main(["--checkpoint", str(trained_checkpoint), "--export", "/proc/backbone.pth"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "--export /proc/backbone.pth: cannot write it" in err and "\n" not in err
+    evaluate.main(["--checkpoint", str(trained_checkpoint), "--export", str(tmp_path / "new" / "b.pth")])
+    assert (tmp_path / "new" / "b.pth").is_file()                     # a missing folder is made
 
 
 def test_export_loads_into_a_fresh_torchvision_resnet_with_the_same_features(trained_checkpoint, tmp_path):

@@ -324,7 +324,14 @@ class Run:
                  f"{', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())}")
         self.log({"epoch": self.epoch, "step": self.step, "time": {k: round(v, 2) for k, v in seconds.items()}})
         if self.step > self.epoch_first_step and rank == 0:           # a batch of this epoch ran here
-            masking.save_view_grid(os.path.join(args.out, f"views_epoch{self.epoch}.png"), figures, *views, args.grid)
+            picture = os.path.join(args.out, f"views_epoch{self.epoch}.png")
+            try:
+                masking.save_view_grid(picture, figures, *views, args.grid)
+            except OSError as error:                                  # a picture never stops a run
+                with contextlib.suppress(OSError):
+                    os.remove(picture + ".tmp")
+                print(f"warning: could not write {picture} ({error.strerror or error}); training goes on",
+                      file=sys.stderr)
         self.save()
         signum, _ = self.agree(self.stop.signum, False)
         if signum and not self.done:
