@@ -564,7 +564,23 @@ class Raw(torch.utils.data.Dataset):
         return self.images[i], self.images[i], mask, mask, self.labels[i]
 
 
-class TwoViews(torch.utils.data.Dataset):
+class PerImageDraws(torch.utils.data.Dataset):
+    """A dataset whose items draw their own augmentation. With `draws_seed` set (train.py
+    sets it to a function of (seed, epoch) before each epoch), item i draws from a generator
+    seeded by (draws_seed, i) alone: the same views whatever process, worker or resume
+    reads it (loader workers otherwise draw from streams that depend on their number and
+    their order). None: the process's own random stream."""
+    draws_seed = None
+
+    def __getitem__(self, i):
+        if self.draws_seed is None:
+            return self.draw(i)
+        with torch.random.fork_rng(devices=[]):                       # the caller's stream is left as it was
+            torch.manual_seed(hash((self.draws_seed, int(i))) & (2 ** 63 - 1))
+            return self.draw(i)
+
+
+class TwoViews(PerImageDraws):
     """Two augmented views of each image, with the object mask carried through each view's
     geometric transforms. Item: `(view1, view2, mask1, mask2, label)`; masks are bool
     `[S, S]`, or empty `[0]` tensors for datasets without masks."""
@@ -581,7 +597,7 @@ class TwoViews(torch.utils.data.Dataset):
             return tv_tensors.Image(self.images[i])
         return v2.functional.to_image(self.images[i][0])             # ImageFolder: (PIL, label)
 
-    def __getitem__(self, i):
+    def draw(self, i):
         image = self._image(i)
         if self.masks is None:
             return self.transform(image), self.transform(image), torch.zeros(0), torch.zeros(0), self.labels[i]
@@ -591,7 +607,7 @@ class TwoViews(torch.utils.data.Dataset):
         return view1, view2, mask1.as_subclass(torch.Tensor), mask2.as_subclass(torch.Tensor), self.labels[i]
 
 
-class CroppedViews(torch.utils.data.Dataset):
+class CroppedViews(PerImageDraws):
     """The loader's half of `--augment split`, for an ImageFolder: decode, random resized crop
     and flip of two views per image, uint8 `[3, S, S]` each, in the item layout of TwoViews
     (no masks); `BatchedMoCoV2(geometry=False)` does the colour half for the whole batch on
@@ -611,7 +627,7 @@ class CroppedViews(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.folder)
 
-    def __getitem__(self, i):
+    def draw(self, i):
         from PIL import Image
         path, label = self.folder.samples[i]
         try:

@@ -1367,6 +1367,16 @@ def test_resume_gives_the_same_losses_as_an_unbroken_run(tmp_path):
         assert grid.size == (6 * 100 + 4, 22 + 6 * 100 + 34)
 
 
+def test_per_image_augmentation_draws_the_same_views_for_any_workers_and_across_a_resume(tmp_path):
+    """--augment torchvision in loader workers drew from each worker's own stream: 0 and 2
+    workers gave other losses from step 1, and a resume with workers other losses after it."""
+    flags = ("--epochs", "1", "--augment", "torchvision")
+    run_train(tmp_path, *flags, "--max-steps", "3", "--workers", "0", out="none")
+    run_train(tmp_path, *flags, "--max-steps", "2", "--workers", "2", out="two")
+    run_train(tmp_path, *flags, "--max-steps", "3", "--workers", "2", "--resume", "auto", out="two")
+    assert losses_of(tmp_path / "none") == losses_of(tmp_path / "two") and len(losses_of(tmp_path / "none")) == 3
+
+
 def test_max_steps_stop_inside_an_epoch_resumes_at_the_next_batch(tmp_path):
     run_train(tmp_path, "--epochs", "1", out="whole")
     run_train(tmp_path, "--epochs", "1", "--max-steps", "2", out="broken")

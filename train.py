@@ -287,6 +287,7 @@ class Run:
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         skip = (self.step - epoch * self.steps_per_epoch) * args.batch_size
         batches = order[skip:][:(len(order) - skip) // args.batch_size * args.batch_size].view(-1, args.batch_size)
+        getattr(train_set, "dataset", train_set).draws_seed = args.seed * 1000 + epoch   # per-image draws: by image
         return torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size // self.world, num_workers=args.workers,
             sampler=batches[:, self.rank::self.world].flatten().tolist(), pin_memory=self.parts.device.type == "cuda",
