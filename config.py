@@ -211,8 +211,8 @@ def check_args(p, args):
         value = getattr(args, name)
         if not (value > low if strict else value >= low):            # also refuses NaN
             p.error(f"--{name.replace('_', '-')} {value}: need a value {'>' if strict else '>='} {low}")
-        if math.isinf(value):                                         # inf weights in one step
-            p.error(f"--{name.replace('_', '-')} {value}: need a finite value")
+        if math.isinf(value) or value > torch.finfo(torch.float32).max:   # inf weights in one step, or a
+            p.error(f"--{name.replace('_', '-')} {value}: need a finite value")  # float32 overflow mid-step
     if args.moco_momentum > 1:
         p.error(f"--moco-momentum {args.moco_momentum}: need a value in [0, 1]")
     if (args.augment == "split") != (args.dataset == "imagefolder") and args.augment != "torchvision":

@@ -1565,6 +1565,7 @@ def test_bn_splits_default_divides_over_torchrun_processes(tmp_path, monkeypatch
     (["--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"),
     (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
     (["--seed", "-5"], "--seed -5: need a value >= 0"),                # numpy's seed raised a traceback
+    (["--lr", "1e308"], "--lr 1e+308: need a finite value"),           # float32 overflow in the first step
     (["--queue-size", "32000000000", "--batch-size", "128"], "--queue-size 32000000000: its queue of 128-d keys"),
     # runs that could do nothing
     (["--shapes-size", "16", "8", "--batch-size", "32", "--bn-splits", "2", "--queue-size", "64"], "larger than the 16"),
