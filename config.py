@@ -187,7 +187,7 @@ def saved_args(checkpoint_path):
     if not checkpoint_path:
         return None
     try:
-        saved = runs.read_checkpoint(checkpoint_path, mmap=True)["args"]
+        saved = runs.read_checkpoint(checkpoint_path, mmap=True, needs=())["args"]
     except runs.CheckpointError:
         return None
     return saved if isinstance(saved, dict) else None

@@ -89,9 +89,10 @@ class CheckpointError(Exception):
     """A checkpoint that is missing or unreadable; the message names the fix."""
 
 
-def read_checkpoint(path, flag="--checkpoint", *, mmap=False):
+def read_checkpoint(path, flag="--checkpoint", *, mmap=False, needs=("framework", "arch")):
     """The checkpoint dict, or CheckpointError with a one-line message. `mmap`: tensors stay
-    on disk until read (a cheap look at the flags)."""
+    on disk until read (a cheap look at the flags). `needs`: flags its 'args' must hold (a
+    dict with 'args' and 'model' and no flags was a traceback further on)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{flag} {path}: no such file; pass the last.pt that train.py wrote")
     try:
@@ -101,6 +102,9 @@ def read_checkpoint(path, flag="--checkpoint", *, mmap=False):
                               f"use another checkpoint") from None
     if not isinstance(checkpoint, dict) or not {"args", "model"} <= set(checkpoint):
         raise CheckpointError(f"{flag} {path}: not a train.py checkpoint (it has no 'args' and 'model')")
+    missing = [name for name in needs if name not in (checkpoint["args"] if isinstance(checkpoint["args"], dict) else {})]
+    if missing:
+        raise CheckpointError(f"{flag} {path}: not a train.py checkpoint (its 'args' lack --{missing[0].replace('_', '-')})")
     return checkpoint
 
 
@@ -179,6 +183,10 @@ def resume_checkpoint(args):
         return None
     try:
         checkpoint, problem = read_checkpoint(args.resume, "--resume"), None
+        lacking = [key for key in ("optimizer", "scheduler", "scaler", "epoch", "step", "rng") if key not in checkpoint]
+        if lacking:
+            raise CheckpointError(f"--resume {args.resume}: has no '{lacking[0]}' to continue from: pass a last.pt "
+                                  f"that train.py wrote (evaluate.py reads weights alone)")
     except CheckpointError as error:
         checkpoint, problem = None, str(error)
     if world > 1:

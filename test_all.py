@@ -1625,7 +1625,15 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys):
     capsys.readouterr()                                               # its own lines (a one-step run may end below random init)
     checkpoint = str(tmp_path / "run" / "last.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
-    cases = [(["--resume", checkpoint, "--framework", "simclr"], "--framework moco"),
+    torch.save({"args": {}, "model": {}}, tmp_path / "run" / "bare.pt")   # both scripts raised a traceback on it
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--checkpoint", str(tmp_path / "run" / "bare.pt")])
+    assert stop.value.code == 2 and "its 'args' lack --framework" in capsys.readouterr().err
+    weights_only = torch.load(checkpoint, weights_only=False)
+    torch.save({"args": weights_only["args"], "model": weights_only["model"]}, tmp_path / "run" / "weights.pt")
+    cases = [(["--resume", str(tmp_path / "run" / "bare.pt")], "its 'args' lack --framework"),
+             (["--resume", str(tmp_path / "run" / "weights.pt")], "has no 'optimizer' to continue from"),
+             (["--resume", checkpoint, "--framework", "simclr"], "--framework moco"),
              (["--resume", checkpoint, "--arch", "resnet34"], "--arch resnet18"),
              (["--resume", str(tmp_path / "junk.pt")], "unreadable"),
              (["--resume", str(tmp_path / "none.pt")], "no such file"),
