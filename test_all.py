@@ -2082,8 +2082,12 @@ def test_bench_times_every_part_and_the_three_configurations(capsys, augment):
     report = bench.bench_step(args, torch.device("cpu"))
     steps = report["whole_steps"]
     assert list(steps) == list(bench.CONFIGS) and all(0 < s["ms_per_step"] < 60_000 for s in steps.values())
-    assert steps["plain"]["against_plain"] == 1.0 and 0 < report["overhead_share_of_plain"]
-    assert 0 < report["views_ms"]["plain"] < report["views_ms"]["+ hard negative"]   # saliency, masks, fills
+    # Times on a shared machine are noise at this size (the method's views once timed faster than
+    # plain ones): what must hold is the arithmetic; the work itself is counted below, not timed.
+    assert steps["plain"]["against_plain"] == 1.0 and math.isfinite(report["overhead_share_of_plain"])
+    views = report["views_ms"]
+    assert min(views.values()) > 0 and report["overhead_share_of_plain"] == pytest.approx(
+        (views["+ hard negative"] - views["plain"]) / steps["plain"]["ms_per_step"], abs=1e-3)
     ops = report["kernel_ops"]                             # torchvision: plain views are the loader's, 0 here
     assert 0 <= ops["plain"]["views"] < ops["+ hard negative"]["views"] < ops["+ hard negative"]["step"]
     out = capsys.readouterr().out
