@@ -207,6 +207,11 @@ def cleaned_up_on_failure(data_dir, what):
                         f"files in {data_dir} by hand") from None
 
 
+def unreadable(path, error):
+    """The one-line error for an image file that cannot be decoded."""
+    return DataError(f"cannot read the image {path} ({type(error).__name__}); remove or replace it")
+
+
 def read_image(path):
     """ImageFolder's loader, with one line naming an unreadable file instead of a traceback."""
     from PIL import Image
@@ -214,7 +219,7 @@ def read_image(path):
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError) as error:
-        raise DataError(f"cannot read the image {path} ({type(error).__name__}); remove or replace it") from None
+        raise unreadable(path, error) from None
 
 
 def load_imagefolder(data_dir, split):
@@ -642,7 +647,7 @@ class CroppedViews(PerImageDraws):
                     image.draft("RGB", (-(-width // reduce), -(-height // reduce)))
                 image = image.convert("RGB")
         except (OSError, ValueError) as error:
-            raise DataError(f"cannot read the image {path} ({type(error).__name__}); remove or replace it") from None
+            raise unreadable(path, error) from None
         sx, sy = image.width / width, image.height / height            # what the decoder's reduction left
         views = []
         for top, left, h, w in boxes:
