@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import pickle
+import sys
 import time
 
 import torch
@@ -228,38 +229,50 @@ def preprocessing(train_args):
 
 
 def supervised_baseline(dataset="shapes", *, arch="resnet18", stem="imagenet", image_size=32, epochs=5,
-                        batch_size=128, lr=0.1, device="cpu", shapes_size=(20000, 5000), seed=0, save_weights=None):
+                        batch_size=128, lr=0.1, device="cpu", shapes_size=(20000, 5000), seed=0, save_weights=None,
+                        object_scale=data.OBJECT_SCALE):
     """How hard a dataset is: a ResNet trained with labels (MoCo v2 augmentation, SGD,
     cosine), then its test top-1 (%) and the kNN top-1 (%) of its features and of a
     random-init encoder of the same architecture.
 
     `save_weights`: also write the trained network as a torchvision ResNet state_dict (with
     `fc`; conv1 3x3 for the CIFAR stem), which `--saliency pretrained --saliency-weights`
-    reads: a saliency network trained with labels, as the paper's ImageNet ResNet-50 was."""
+    reads: a saliency network trained with labels, as the paper's ImageNet ResNet-50 was.
+    Each epoch prints its loss and training top-1 on stderr."""
     torch.manual_seed(seed)
     encoder = models.ResNetEncoder(arch, cifar_stem=stem == "cifar").to(device)
     random_encoder = models.ResNetEncoder(arch, cifar_stem=stem == "cifar").to(device)
     classifier = torch.nn.Linear(encoder.out_dim, 10).to(device)
-    train_views = data.pretrain_dataset(dataset, image_size=image_size, shapes_size=shapes_size)
+    shapes = {"shapes_size": shapes_size, "object_scale": tuple(object_scale)}
+    train_views = data.pretrain_dataset(dataset, image_size=image_size, **shapes)
     loader = torch.utils.data.DataLoader(train_views, batch_size=batch_size, shuffle=True, drop_last=True)
     params = list(encoder.parameters()) + list(classifier.parameters())
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
-    for _ in range(epochs):
+    start = time.time()
+    for epoch in range(1, epochs + 1):
+        total_loss, correct = 0.0, 0
         for view, _, _, _, label in loader:
-            loss = F.cross_entropy(classifier(encoder(view.to(device))), label.to(device))
+            logits = classifier(encoder(view.to(device)))
+            loss = F.cross_entropy(logits, label.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
-    train_set, test_set = data.eval_datasets(dataset, image_size=image_size, shapes_size=shapes_size)
+            total_loss += loss.item()
+            correct += int((logits.argmax(1).cpu() == label).sum())
+        print(f"epoch {epoch}/{epochs}: loss {total_loss / len(loader):.4f}, training top-1 "
+              f"{100 * correct / (len(loader) * batch_size):.2f} %, {(time.time() - start) / 60:.1f} min",
+              file=sys.stderr, flush=True)
+    train_set, test_set = data.eval_datasets(dataset, image_size=image_size, **shapes)
     plain = lambda d: torch.utils.data.DataLoader(d, batch_size=256)
     if save_weights:
         state = {name.removeprefix("trunk."): tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}
         state.update({f"fc.{name}": tensor.detach().cpu() for name, tensor in classifier.state_dict().items()})
         torch.save(state, save_weights + ".tmp")
         os.replace(save_weights + ".tmp", save_weights)
-    results = {"arch": arch, "stem": stem, "image_size": image_size, "epochs": epochs}
+    results = {"arch": arch, "stem": stem, "image_size": image_size, "epochs": epochs, "lr": lr,
+               "object_scale": list(object_scale)}
     encoder.eval()
     with torch.no_grad():
         correct = sum(int((classifier(encoder(batch[0].to(device))).argmax(1).cpu() == batch[-1]).sum())
@@ -283,6 +296,9 @@ def main(argv=None):
     parser.add_argument("--arch", choices=models.ARCHS, default="resnet18", help="with --supervised")
     parser.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet",
                         help="with --supervised (cifar: a 4x4 last map at 32 px, for SCDA saliency)")
+    parser.add_argument("--lr", type=float, default=0.1, help="with --supervised: SGD's learning rate (cosine)")
+    parser.add_argument("--shapes-object-scale", type=float, nargs=2, metavar=("LO", "HI"), default=data.OBJECT_SCALE,
+                        help="with --supervised: the shapes objects' radius, a share of the side (as train.py)")
     parser.add_argument("--save-weights", metavar="PATH",
                         help="with --supervised: write the network as a torchvision ResNet state_dict, for "
                              "train.py --saliency pretrained --saliency-weights PATH")
@@ -311,6 +327,11 @@ def main(argv=None):
                         ("--image-size", args.image_size)):
         if value is not None and value < 1:
             runs.fail(f"{flag} {value}: need at least 1")
+    if not 0 < args.lr < float("inf"):
+        runs.fail(f"--lr {args.lr}: need a finite positive learning rate")
+    lo, hi = args.shapes_object_scale
+    if not 0 < lo <= hi <= 0.5:
+        runs.fail(f"--shapes-object-scale {lo} {hi}: need 0 < LO <= HI <= 0.5 (a radius of half the side fills it)")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -325,7 +346,8 @@ def main(argv=None):
             if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
                 runs.fail(f"--save-weights {args.save_weights}: cannot write into {folder}; pick another path")
         results = supervised_baseline(arch=args.arch, stem=args.stem, image_size=args.image_size or 32,
-                                      epochs=args.epochs, device=device, save_weights=args.save_weights)
+                                      epochs=args.epochs, lr=args.lr, device=device, save_weights=args.save_weights,
+                                      object_scale=args.shapes_object_scale)
         print(json.dumps(results, indent=2))
         return results
     if not args.checkpoint:

@@ -238,15 +238,19 @@ def test_pretrained_saliency_bad_weights_give_one_clear_error(tmp_path):
         saliency.Saliency("pretrained", weights=str(tmp_path / "r18.pth"))
 
 
-def test_a_supervised_network_saved_here_is_a_saliency_network(tmp_path, capsys):
+def test_a_supervised_network_saved_here_is_a_saliency_network(tmp_path, capsys, monkeypatch):
     """`evaluate.py --supervised --save-weights` writes a whole torchvision ResNet (with fc);
     `--saliency pretrained` reads its architecture and stem off the file and, for the CIFAR
     stem, sees the views at their own size (a 4x4 map at 32 px, where the ImageNet stem and
     224 px would take 49 times the work)."""
     from torchvision.models import resnet18
     path = str(tmp_path / "supervised.pth")
+    drawn, make_shapes = [], data.make_shapes
+    monkeypatch.setattr(data, "make_shapes", lambda *a, **k: drawn.append(k["object_scale"]) or make_shapes(*a, **k))
     evaluate.supervised_baseline(stem="cifar", image_size=32, epochs=1, batch_size=16, shapes_size=(32, 16),
-                                 save_weights=path)
+                                 save_weights=path, object_scale=(0.05, 0.1))
+    assert drawn and set(drawn) == {(0.05, 0.1)}                      # training and kNN splits at that scale
+    assert "epoch 1/1: loss" in capsys.readouterr().err               # an hour-long run says how it goes
     net = resnet18(num_classes=10)
     net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
     net.load_state_dict(torch.load(path, weights_only=True))          # strict: every key, fc included
@@ -264,6 +268,11 @@ def test_a_supervised_network_saved_here_is_a_saliency_network(tmp_path, capsys)
     with pytest.raises(SystemExit):
         evaluate.main(["--save-weights", path])
     assert "add --supervised" in capsys.readouterr().err
+    for bad in (["--lr", "inf"], ["--lr", "0"], ["--shapes-object-scale", "0.3", "0.1"]):
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(["--supervised", *bad])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and bad[0] in err and "\n" not in err, (bad, err)
 
 
 def test_pretrained_saliency_offline_names_the_fix(monkeypatch):
