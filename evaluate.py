@@ -186,22 +186,15 @@ def export_backbone(model, path, layout="torchvision"):
       transfer (VOC, COCO) with detectron2.
     The file is written atomically."""
     state = backbone_state(model)
-    tmp = path + ".tmp"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if layout == "detectron2":
-            weights = {detectron2_name(name): tensor.numpy() for name, tensor in state.items()
-                       if not name.endswith("num_batches_tracked")}
-            with open(tmp, "wb") as f:
-                pickle.dump({"model": weights, "__author__": "MOCO", "matching_heuristics": True}, f)
-        else:
-            torch.save(state if layout == "torchvision" else
-                       {"state_dict": {f"module.encoder_q.{name}": tensor for name, tensor in state.items()}}, tmp)
-        os.replace(tmp, path)
-    except BaseException:                                             # a full disk, a folder in the way, Ctrl-C
-        if os.path.isfile(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if layout == "detectron2":
+        weights = {detectron2_name(name): tensor.numpy() for name, tensor in state.items()
+                   if not name.endswith("num_batches_tracked")}
+        runs.write_atomic(path, lambda f: pickle.dump({"model": weights, "__author__": "MOCO",
+                                                       "matching_heuristics": True}, f))
+    else:
+        runs.write_atomic(path, lambda f: torch.save(state if layout == "torchvision" else {
+            "state_dict": {f"module.encoder_q.{name}": tensor for name, tensor in state.items()}}, f))
 
 
 def trained_on_high_pass(train_args):
@@ -269,8 +262,7 @@ def supervised_baseline(dataset="shapes", *, arch="resnet18", stem="imagenet", i
     if save_weights:
         state = {name.removeprefix("trunk."): tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}
         state.update({f"fc.{name}": tensor.detach().cpu() for name, tensor in classifier.state_dict().items()})
-        torch.save(state, save_weights + ".tmp")
-        os.replace(save_weights + ".tmp", save_weights)
+        runs.write_atomic(save_weights, lambda f: torch.save(state, f))
     results = {"arch": arch, "stem": stem, "image_size": image_size, "epochs": epochs, "lr": lr,
                "object_scale": list(object_scale)}
     encoder.eval()

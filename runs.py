@@ -47,12 +47,27 @@ class OneLineParser(argparse.ArgumentParser):
         fail(f"{message} (see python {self.prog} --help)")
 
 
+def write_atomic(path, write, mode="wb"):
+    """Write `path` through `write(file)`, atomically: into PATH.tmp, then renamed over PATH,
+    so a reader sees the old file or the new one. A write that fails or is interrupted
+    removes PATH.tmp and raises. Through a Python file object, so that a full disk raises
+    OSError "No space left on device" (torch.save given a path says "[enforce fail at
+    inline_container.cc]")."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write_json(path, value, indent=2):
     """Write `value` as JSON to `path` atomically: a reader sees the old file or the new one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=indent)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: json.dump(value, f, indent=indent), mode="w")
 
 
 def can_write(path):
@@ -126,15 +141,9 @@ def save_checkpoint(path, state):
     """Atomic: a half-written file never replaces a good one. A write that fails (a full disk,
     a folder that went away) or is interrupted removes its temporary file; a failure stops the
     run in one line (exit 1), with the previous checkpoint as it was."""
-    tmp = path + ".tmp"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if not isinstance(error, (OSError, RuntimeError)):                # a signal, a SystemExit: pass it on
-            raise
+        write_atomic(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as error:                          # a signal, a SystemExit: passed on
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
         print(f"error: could not write {path} ({reason}); the previous checkpoint is as it was: make room "
               f"(or fix the folder) and continue with --resume auto", file=sys.stderr)

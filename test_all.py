@@ -1825,6 +1825,23 @@ def test_a_failed_save_removes_its_temporary_file_and_keeps_the_last_checkpoint(
     assert not (tmp_path / "run" / "last.pt.tmp").exists() and not (tmp_path / "run" / "train.lock").exists()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a file whose disk is always full")
+def test_a_full_disk_is_named_as_one(tmp_path, capsys):
+    """A real full disk (the temporary file is a link to /dev/full), not a patched torch.save:
+    torch.save given a path reports "[enforce fail at inline_container.cc]"; the message must
+    say "No space left on device", and nothing is left behind."""
+    path = tmp_path / "last.pt"
+    os.symlink("/dev/full", str(path) + ".tmp")
+    with pytest.raises(SystemExit) as stop:
+        runs.save_checkpoint(str(path), {"model": {"w": torch.randn(1000, 1000)}})
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 1 and "No space left on device" in err and "\n" not in err, err
+    assert not os.path.lexists(str(path) + ".tmp") and not path.exists()
+    os.symlink("/dev/full", str(tmp_path / "w.pth.tmp"))                # the saliency network's file, the same way
+    with pytest.raises(OSError, match="No space left on device"):
+        runs.write_atomic(str(tmp_path / "w.pth"), lambda f: torch.save({"w": torch.randn(1000, 1000)}, f))
+
+
 # ============================================================================ evaluate.py, on trained checkpoints
 
 def test_evaluate_reads_everything_from_the_checkpoint(tmp_path, monkeypatch):
