@@ -29,6 +29,9 @@ configuration (results/bench-GPUNAME.json holds a GPU's). The warm-up of each wh
 configuration is timed apart: with `--compile` it is the compile time. `--sync-debug` (a
 GPU) records every host synchronisation inside the timed steps; a step should have none.
 """
+import signal
+if __name__ == "__main__":                # Ctrl-C while torch is imported: stop quietly, nothing is written yet
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import argparse
 import contextlib
 import math
@@ -596,4 +599,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runs.run_script(main)

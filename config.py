@@ -263,7 +263,7 @@ def check_args(p, args):
     if args.num_hard_negatives and args.masking != "saliency":
         p.error("hard negatives mask salient patches: they need --masking saliency (or --num-hard-negatives 0)")
     if args.saliency == "gt" and args.masking == "saliency" and args.dataset != "shapes":
-        p.error(f"--saliency gt needs true object masks, which only --dataset shapes has")
+        p.error("--saliency gt needs true object masks, which only --dataset shapes has")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no GPU is visible; use --device cpu")
     if args.image_size < 8 or args.grid < 1 or args.grid > args.image_size:
@@ -273,7 +273,7 @@ def check_args(p, args):
     larger = f"--image-size {smallest} or more"
     if args.hard_negative_pairing == "release" and args.num_hard_negatives:
         if args.framework != "moco":
-            p.error(f"--hard-negative-pairing release is the released MoCo code's; use it with --framework moco")
+            p.error("--hard-negative-pairing release is the released MoCo code's; use it with --framework moco")
         if side < 2:                               # BatchNorm over one image of one position: torch refuses
             p.error(f"--hard-negative-pairing release embeds each hard negative as a batch of one image, whose "
                     f"BatchNorm needs a last feature map of 2x2 or more; it is {side}x{side} at --image-size "

@@ -14,6 +14,9 @@
 Every view is normalised with the ImageNet mean and std (what the pretrained saliency
 network expects), whatever the dataset. Depends on torch, torchvision and numpy.
 """
+import signal
+if __name__ == "__main__":                # Ctrl-C while torch is imported: stop quietly, nothing is written yet
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import contextlib
 import functools
 import math
@@ -190,18 +193,21 @@ def load_stl10(data_dir, split, download=False):
 
 @contextlib.contextmanager
 def cleaned_up_on_failure(data_dir, what):
-    """A download that fails (no internet, a full disk) leaves nothing behind: whatever it
-    created under `data_dir` is removed, and one DataError says what to do."""
+    """A download that fails (no internet, a full disk) or is stopped (Ctrl-C on a stalled
+    network) leaves nothing behind: whatever it created under `data_dir` is removed; a failure
+    becomes one DataError that says what to do, a stop goes on as it came."""
     existed = os.path.isdir(data_dir)
     before = set(os.listdir(data_dir)) if existed else set()
     try:
         yield
-    except Exception as error:
+    except BaseException as error:
         for entry in (set(os.listdir(data_dir)) - before) if os.path.isdir(data_dir) else ():
             path = os.path.join(data_dir, entry)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
             os.rmdir(data_dir)
+        if not isinstance(error, Exception):                          # Ctrl-C, SystemExit
+            raise
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{what}: the download failed ({reason}); on a machine without internet, put the "
                         f"files in {data_dir} by hand") from None
@@ -232,33 +238,43 @@ def load_imagefolder(data_dir, split):
                         f"{data_dir}/train/<class>/*.jpg and {data_dir}/val/<class>/*.jpg") from None
 
 
-class RGBItems(torch.utils.data.Dataset):
-    """Some items `(PIL image, label)` of a torchvision dataset, in RGB (Caltech-101 has grey images)."""
+class ImageFiles(torch.utils.data.Dataset):
+    """`(PIL image in RGB, label)` of a list of image files (Caltech-101 has grey ones)."""
 
-    def __init__(self, source, indices):
-        self.source, self.indices = source, list(indices)
+    def __init__(self, paths, labels):
+        self.paths, self.labels = list(paths), labels
 
     def __len__(self):
-        return len(self.indices)
+        return len(self.paths)
 
     def __getitem__(self, i):
-        image, label = self.source[self.indices[i]]
-        return image.convert("RGB"), label
+        return read_image(self.paths[i]), int(self.labels[i])
 
 
 def load_caltech101(data_dir, train, download=False, *, per_class=CALTECH_TRAIN_PER_CLASS, seed=0):
-    """Caltech-101 through torchvision's reader (`DATA_DIR/caltech101/101_ObjectCategories/
-    <class>/image_0001.jpg`, without BACKGROUND_Google). It has no standard split: per class,
-    `per_class` images drawn with `seed` train (at most all but one) and the rest test, the
-    protocol of the paper's transfer table. Returns `(RGBItems, labels)`."""
-    from torchvision.datasets import Caltech101
-    try:
-        with cleaned_up_on_failure(data_dir, "--dataset caltech101 --download") if download else contextlib.nullcontext():
-            source = Caltech101(data_dir, download=download)
-    except RuntimeError:
-        raise DataError(f"--dataset caltech101: missing {os.path.join(data_dir, 'caltech101', '101_ObjectCategories')}"
-                        f"/<class>/image_0001.jpg ...; put Caltech-101 there or add --download") from None
-    labels = torch.tensor(source.y)
+    """Caltech-101 in torchvision's layout (`DATA_DIR/caltech101/101_ObjectCategories/<class>/
+    image_0001.jpg`; BACKGROUND_Google, not a class, is left out when it is there; `--download`
+    uses torchvision's downloader). Read here rather than by torchvision's class, which creates
+    DATA_DIR/caltech101 before it finds nothing there and fails on a folder without
+    BACKGROUND_Google; the classes and the images' order are the same. It has no standard
+    split: per class, `per_class` images drawn with `seed` train (at most all but one) and the
+    rest test, the protocol of the paper's transfer table. Returns `(ImageFiles, labels)`."""
+    folder = os.path.join(data_dir, "caltech101", "101_ObjectCategories")
+    if download and not os.path.isdir(folder):
+        from torchvision.datasets import Caltech101
+        with cleaned_up_on_failure(data_dir, "--dataset caltech101 --download"):
+            Caltech101(data_dir, download=True)
+    classes = sorted(c for c in os.listdir(folder) if c != "BACKGROUND_Google"
+                     and os.path.isdir(os.path.join(folder, c))) if os.path.isdir(folder) else []
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(folder, name)) if not f.startswith("."))
+        paths += [os.path.join(folder, name, f) for f in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise DataError(f"--dataset caltech101: missing {folder}/<class>/image_0001.jpg ...; put Caltech-101 "
+                        f"there or add --download")
+    labels = torch.tensor(labels)
     generator, chosen = torch.Generator().manual_seed(seed), []
     for c in labels.unique():
         members = (labels == c).nonzero()[:, 0]
@@ -266,20 +282,7 @@ def load_caltech101(data_dir, train, download=False, *, per_class=CALTECH_TRAIN_
         cut = min(per_class, len(members) - 1)
         chosen.append(members[:cut] if train else members[cut:])
     indices = torch.cat(chosen).sort().values
-    return RGBItems(source, indices.tolist()), labels[indices]
-
-
-class FlowerImages(torch.utils.data.Dataset):
-    """`(PIL image in RGB, label)` of Flowers-102's `jpg/image_00001.jpg` files."""
-
-    def __init__(self, folder, ids, labels):
-        self.folder, self.ids, self.labels = folder, ids, labels
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return read_image(os.path.join(self.folder, "jpg", f"image_{self.ids[i]:05d}.jpg")), int(self.labels[i])
+    return ImageFiles([paths[i] for i in indices], labels[indices]), labels[indices]
 
 
 def load_flowers102(data_dir, train, download=False):
@@ -287,7 +290,7 @@ def load_flowers102(data_dir, train, download=False):
     `imagelabels.mat`, `setid.mat`; `--download` uses torchvision's downloader) and its standard
     splits: train + val to train, test to test. The labels are .mat files, which scipy reads.
     (Read here rather than by torchvision's class, which also checks the files' md5 sums, so
-    that the tests can write a tiny copy.) Returns `(FlowerImages, labels)`."""
+    that the tests can write a tiny copy.) Returns `(ImageFiles, labels)`."""
     try:
         from scipy.io import loadmat
     except ImportError:
@@ -304,7 +307,8 @@ def load_flowers102(data_dir, train, download=False):
         raise DataError(f"--dataset flowers102: missing or unreadable {folder}/imagelabels.mat or setid.mat (with "
                         f"the images in {folder}/jpg/image_00001.jpg ...); put Flowers-102 there or add --download") from None
     ids = np.concatenate([split[k].reshape(-1) for k in (("trnid", "valid") if train else ("tstid",))]).astype(np.int64)
-    return FlowerImages(folder, ids.tolist(), torch.from_numpy(labels[ids - 1])), torch.from_numpy(labels[ids - 1])
+    paths = [os.path.join(folder, "jpg", f"image_{i:05d}.jpg") for i in ids.tolist()]
+    return ImageFiles(paths, torch.from_numpy(labels[ids - 1])), torch.from_numpy(labels[ids - 1])
 
 
 SPLITS = ("train", "val", "test")
@@ -415,9 +419,6 @@ def main(argv=None):
     print(f"wrote {sum(args.images)} JPEGs to {args.jpeg_folder}: train it with python train.py --dataset "
           f"imagefolder --data-dir {args.jpeg_folder}")
 
-
-if __name__ == "__main__":
-    main()
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -712,3 +713,8 @@ def eval_datasets(name, data_dir="data", image_size=64, *, split="test", transfo
     `transforms` (train, test), default the centre view. Any dataset of DATASETS or TRANSFER."""
     splits = [load_split(name, data_dir, which, image_size=image_size, **kwargs) for which in ("train", split)]
     return tuple(Plain(*split, image_size, transform) for split, transform in zip(splits, transforms))
+
+
+if __name__ == "__main__":
+    import runs                          # train.py's machinery; the component itself does not need it
+    runs.run_script(main)

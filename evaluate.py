@@ -12,6 +12,9 @@ in the paper.
 Importable: `extract_features`, `knn_accuracy`, `linear_probe`, `linear_probe_paper`,
 `saliency_quality`, `export_backbone`.
 """
+import signal
+if __name__ == "__main__":                # Ctrl-C while torch is imported: stop quietly, nothing is written yet
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import argparse
 import json
 import os
@@ -430,9 +433,14 @@ def main(argv=None):
     print(json.dumps(results, indent=2))
     name = "eval.json" if dataset == train_args.dataset and args.protocol == "fast" and args.split == "test" else \
         f"eval-{dataset}-{args.protocol}{'-val' * (args.split == 'val')}.json"
-    runs.write_json(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name), results)
+    path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name)
+    try:
+        runs.write_json(path, results)
+    except OSError as error:                                          # a read-only folder: the results stand above
+        print(f"note: could not write {path} ({error.strerror or error}); the results are printed above",
+              file=sys.stderr)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    runs.run_script(main)

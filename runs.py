@@ -40,6 +40,19 @@ def fail(message):
     sys.exit(2)
 
 
+def run_script(main):
+    """An entry script's `main()`. Ctrl-C where no run is there to save (parsing flags,
+    generating or downloading data, evaluating) ends in one line with exit status 130, not a
+    KeyboardInterrupt traceback; a run's own Ctrl-C (runs.StopRequest) saves first. Each
+    script's first lines let Ctrl-C end it quietly while torch is still being imported."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(130)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that answers a bad flag in one line (exit 2) instead of the whole usage."""
 

@@ -22,7 +22,6 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.v2 import functional as TF
 
 
 # ----------------------------------------------------------------------------- pure functions

@@ -14,8 +14,12 @@ identified by every flag train.py resolves from the row's flags (its args.json),
 and how it ran (output folder, device, precision, loader workers): a run already in the
 results file is skipped, and a row whose flags or defaults change gets new runs. Each
 finished run is added to the results file at once, so a stopped study continues where it
-stopped. A study in which a run failed lists the failures and exits with status 1.
+stopped. Ctrl-C starts no new run (those in flight save their checkpoints and stop) and exits
+with status 130. A study in which a run failed lists the failures and exits with status 1.
 """
+import signal
+if __name__ == "__main__":                # Ctrl-C while torch is imported: stop quietly, nothing is written yet
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import argparse
 import concurrent.futures
 import hashlib
@@ -286,8 +290,16 @@ def main(argv=None):
             if identity(resolve(row, seed, args.train_args)) not in done]
     print(f"{len(todo)} runs to do, {len(results)} in {args.results}; {args.jobs} at a time", flush=True)
     lock = threading.Lock()
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
+    try:
         failures = [f for f in pool.map(lambda job: run_one(*job, args, lock), todo) if f]
+    except KeyboardInterrupt:                # no new run; those in flight got Ctrl-C too: they save and stop
+        print("Ctrl-C: starting no new run, waiting for those in flight to save and stop", file=sys.stderr, flush=True)
+        pool.shutdown(cancel_futures=True)
+        print(f"stopped: {len(load(args.results))} runs in {args.results}; the same command continues where "
+              f"the study stopped", file=sys.stderr)
+        sys.exit(130)
+    pool.shutdown()
     print(table(load(args.results), args.train_args, args.split))
     if failures:
         print(f"{len(failures)} of {len(todo)} runs failed:", *failures, sep="\n", file=sys.stderr)
@@ -295,4 +307,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runs.run_script(main)

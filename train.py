@@ -14,12 +14,14 @@ hard negatives from the key with most of its salient patches masked -> the frame
 survives (its folder, lock, checkpoints, signals, processes) in runs.py.
 Writes OUT/metrics.jsonl, OUT/views_epochN.png and OUT/last.pt (atomically, every epoch).
 """
+import signal
+if __name__ == "__main__":                # Ctrl-C while torch is imported: stop quietly, nothing is written yet
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import argparse
 import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -426,4 +428,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runs.run_script(main)
