@@ -6,6 +6,8 @@
     python study.py --table                          # the README's table, from the results file
     python study.py --rows 9 10 --seeds 0 1 --split val --results results/defaults-val.json   # tuning: validation
     python study.py --mechanism                      # how much of the object a query's mask hides, by object size
+    python study.py --rows 1 3 4 5 --shapes-object-scale 0.08 0.15    # the study at smaller objects
+    python study.py --scale-figure results/scale.png # balanced against random masking, by object size
     python study.py --figure results/views.png       # the README's picture of the views
 
 Each run is `python train.py FLAGS --seed S` at the default budget of train.py (flags this
@@ -186,6 +188,74 @@ def table(results, train_args=(), split="test"):
 
 
 MECHANISM_SCALES = ((0.25, 0.45), (0.15, 0.25), (0.08, 0.15), (0.05, 0.1))   # the default, then smaller objects
+# Object scale's question: random against balanced masking (no hard negative, hp), paired by seed.
+SCALE_ROWS = {"random": 3, "spectral": 4, "gt": 5}
+
+
+def scale_flags(scale):
+    return ["--shapes-object-scale", str(scale[0]), str(scale[1])]
+
+
+def scale_tables(results, split="test"):
+    """The table of each object scale other than the default that has runs in `results`."""
+    return [f"objects of radius {lo}-{hi} of the side (--shapes-object-scale {lo} {hi}):\n\n"
+            + table(results, scale_flags((lo, hi)), split) for lo, hi in MECHANISM_SCALES[1:]
+            if any(runs_of_row(results, row, scale_flags((lo, hi)), split) for row in range(1, len(ROWS) + 1))]
+
+
+def gains_by_scale(results, split="test"):
+    """kNN top-1 of balanced masking (spectral, gt) minus random masking's, in points, per
+    seed that ran both, at each object scale of MECHANISM_SCALES:
+    {scale: {"spectral": [gain per seed], "gt": [...]}} (scales with no pair left out)."""
+    gains = {}
+    for scale in MECHANISM_SCALES:
+        knn = {name: {r["args"]["seed"]: r["knn_top1"] for r in runs_of_row(results, row, scale_flags(scale), split)}
+               for name, row in SCALE_ROWS.items()}
+        pairs = {name: [knn[name][seed] - knn["random"][seed] for seed in sorted(knn[name]) if seed in knn["random"]]
+                 for name in ("spectral", "gt")}
+        if any(pairs.values()):
+            gains[scale] = pairs
+    return gains
+
+
+def scale_figure(path, results, mechanism_results, split="test"):
+    """results/scale.png: left, the kNN gain of balanced over random masking against the object
+    radius (mean and standard deviation over seeds, each seed paired); right, the mechanism's
+    share of views whose query mask hides over half of the object (`--mechanism`'s JSON)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    middle = lambda scale: (scale[0] + scale[1]) / 2
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for (name, gains), marker, shift in zip(_by_source(gains_by_scale(results, split)).items(), "os", (-0.003, 0.003)):
+        x = [middle(scale) + shift for scale in gains]                # side by side, not on top of each other
+        mean = [statistics.mean(g) for g in gains.values()]
+        std = [statistics.stdev(g) if len(g) > 1 else 0 for g in gains.values()]
+        left.errorbar(x, mean, yerr=std, marker=marker, capsize=4, label=f"balanced ({name}) - random")
+        for xi, yi, g in zip(x, mean, gains.values()):
+            left.annotate(f"{len(g)}", (xi, yi), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    left.axhline(0, color="grey", lw=0.8)
+    left.set(xlabel="object radius (share of the side, middle of the range)", ylabel="kNN top-1 gain (points)",
+             title="Does saliency tell you where? (mean ± std, n seeds)")
+    left.legend()
+    for name in ("random", "balanced, spectral saliency", "balanced, true foreground (gt)"):
+        points = [(middle(entry["object_scale"]), entry["shares"][name]["over_half"])
+                  for entry in mechanism_results["scales"]]
+        right.plot(*zip(*points), marker="o", label=name)
+    right.set(xlabel="object radius (share of the side, middle of the range)",
+              ylabel="views with over half of the object hidden (%)", title="The mechanism (no training)")
+    right.legend()
+    for axis in (left, right):
+        axis.set_xlim(0, 0.4)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
+def _by_source(gains):
+    """{scale: {source: gains}} -> {source: {scale: gains}}, scales with gains only."""
+    return {name: {scale: pair[name] for scale, pair in gains.items() if pair[name]} for name in ("spectral", "gt")}
 
 
 @torch.no_grad()
@@ -268,7 +338,11 @@ def main(argv=None):
     parser.add_argument("--saliency-weights", metavar="PATH",
                         help="with --mechanism: also SCDA saliency from this network (evaluate.py --supervised "
                              "--stem cifar --save-weights PATH)")
+    parser.add_argument("--mechanism-json", default="results/mechanism.json",
+                        help="where --mechanism writes its figures and --scale-figure reads them")
     parser.add_argument("--figure", metavar="PNG", help="only draw the views of one batch (the README's picture)")
+    parser.add_argument("--scale-figure", metavar="PNG",
+                        help="only draw balanced masking's gain over random against object scale (needs matplotlib)")
     args, args.train_args = parser.parse_known_args(argv)             # the rest goes to train.py
     bad = [r for r in args.rows if not 1 <= r <= len(ROWS)]
     if bad:
@@ -276,15 +350,31 @@ def main(argv=None):
     if args.jobs < 1 or args.threads < 1:
         runs.fail(f"--jobs {args.jobs} --threads {args.threads}: need at least 1 of each")
     if args.mechanism:
+        measured = []
         for scale in MECHANISM_SCALES:
             print(f"\nobjects of radius {scale[0]}-{scale[1]} of the side{' (the default)' * (scale == data.OBJECT_SCALE)}:")
-            print(mechanism_table(*mechanism(object_scale=scale, saliency_weights=args.saliency_weights)), flush=True)
-        return None
+            shares, quality = mechanism(object_scale=scale, saliency_weights=args.saliency_weights)
+            print(mechanism_table(shares, quality), flush=True)
+            measured.append({"object_scale": list(scale), "shares": shares, "quality": quality})
+        runs.write_json(args.mechanism_json, {"commit": runs.code_commit(), "saliency_weights": args.saliency_weights,
+                                              "scales": measured})
+        return measured
     if args.figure:
         return figure(args.figure, args.train_args)
     results = load(args.results)
+    if args.scale_figure:
+        try:
+            with open(args.mechanism_json) as f:
+                mechanism_results = json.load(f)
+        except (OSError, ValueError) as error:
+            runs.fail(f"--mechanism-json {args.mechanism_json}: unreadable ({type(error).__name__}); write it with "
+                      f"python study.py --mechanism")
+        return scale_figure(args.scale_figure, results, mechanism_results, args.split)
     if args.table:
-        return print(table(results, args.train_args, args.split))
+        print(table(results, args.train_args, args.split))
+        if not args.train_args:
+            print(*("\n" + t for t in scale_tables(results, args.split)), sep="\n")
+        return None
     done = {identity(r["args"]) for r in results if "args" in r and split_of(r) == args.split}
     todo = [(row, seed) for row in args.rows for seed in (args.seeds or SEEDS[ROWS[row - 1][0]])
             if identity(resolve(row, seed, args.train_args)) not in done]

@@ -2276,6 +2276,36 @@ def test_study_identifies_a_run_by_every_resolved_flag(tmp_path, monkeypatch, ca
     assert "| 1 | moco | MoCo v2 | 51.0 ± 1.4 | 60.0 ± 0.0 | 21.0 ± 1.4 | 0, 2 |" in table and "abc1234" in table
 
 
+def test_study_pairs_balanced_and_random_masking_by_seed_at_each_object_scale(tmp_path, capsys):
+    """gains_by_scale: balanced minus random kNN for the seeds that ran both, per scale (a
+    default-scale record from before the flag counts as the default); --table adds a table
+    per smaller scale; --scale-figure draws them beside the mechanism."""
+    def record(row, seed, knn, scale=(0.08, 0.15)):
+        return {**study_record(row, seed, shapes_object_scale=list(scale)), "knn_top1": knn}
+    records = [record(3, 0, 40.0), record(3, 1, 42.0), record(5, 0, 45.0), record(5, 1, 46.0),
+               record(5, 2, 99.0),                                     # no random run with seed 2: unpaired
+               record(4, 1, 41.0), record(3, 0, 57.0, (0.25, 0.45)), record(4, 0, 58.0, (0.25, 0.45))]
+    del records[-1]["args"]["shapes_object_scale"]                      # run before the flag existed
+    gains = study.gains_by_scale(records)
+    assert gains == {(0.25, 0.45): {"spectral": [1.0], "gt": []}, (0.08, 0.15): {"spectral": [-1.0], "gt": [5.0, 4.0]}}
+    (tmp_path / "r.json").write_text(json.dumps(records))
+    study.main(["--table", "--results", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert "objects of radius 0.08-0.15 of the side" in out and "| 5 | moco | + balanced masking (gt oracle), hp | " \
+        "63.3 ± 30.9 |" in out and "0.15-0.25" not in out
+    mechanism = {"scales": [{"object_scale": list(scale), "shares": {name: {"over_half": 1.0} for name in (
+        "random", "balanced, spectral saliency", "balanced, true foreground (gt)")}} for scale in study.MECHANISM_SCALES]}
+    (tmp_path / "m.json").write_text(json.dumps(mechanism))
+    study.main(["--scale-figure", str(tmp_path / "scale.png"), "--results", str(tmp_path / "r.json"),
+                "--mechanism-json", str(tmp_path / "m.json")])
+    from PIL import Image
+    assert Image.open(tmp_path / "scale.png").size == (1200, 480) and sorted(os.listdir(tmp_path)) == [
+        "m.json", "r.json", "scale.png"]
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--scale-figure", str(tmp_path / "s.png"), "--mechanism-json", str(tmp_path / "none.json")])
+    assert stop.value.code == 2 and "python study.py --mechanism" in capsys.readouterr().err
+
+
 def test_study_exits_non_zero_and_lists_the_failed_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: argparse.Namespace(returncode=1))
     with pytest.raises(SystemExit) as stop:
