@@ -375,13 +375,18 @@ def peak_host_mb():
             for who, which in (("main", resource.RUSAGE_SELF), ("workers", resource.RUSAGE_CHILDREN))}
 
 
+IMAGENET100_TRAIN_IMAGES = 126_689                    # the paper's pre-training set
+
+
 def bench_recipe(args, device):
     """`--recipe paper`: ResNet-50, 224 px, an ImageFolder of JPEGs (`--data-dir`, or a
     temporary `shapes` one at ImageNet's sizes), SCDA saliency from a ResNet-50 (random
     weights: the cost is the same; or `--saliency-weights`), the hard negative, hp. Times (a) the loader alone, per
     image in one process and in images/s with 1 and 2 workers, for the reference augmentation
     and the split one; (b) the training step alone on uint8 views already in memory; (c) both
-    together, the split loader with `--workers` feeding train_step; and says which bounds."""
+    together, the split loader with `--workers` feeding train_step; and says which bounds, the
+    share of time the device is busy (end to end over the step alone) and the hours that 200
+    epochs of ImageNet-100 take at the end-to-end rate."""
     import shutil
     import tempfile
     from torchvision.models import resnet50
@@ -442,14 +447,20 @@ def bench_recipe(args, device):
         bound = "the loader" if feed < step_rate else "the training step"
         print(f"the training step alone ({args.arch}, batch {args.batch_size}, the method, SCDA saliency): "
               f"{step_rate:.1f} images/s; the split loader with {flags.workers} workers: {feed:.1f}: {bound} bounds")
-        print(f"end to end (the split loader, {flags.workers} workers, feeding the step): {whole_rate:.1f} images/s")
+        # The step alone runs back to back, so end to end over alone is the share of time the
+        # device is busy with steps (the rest it waits for the loader or the host).
+        busy = min(1.0, whole_rate / step_rate)
+        hours = IMAGENET100_TRAIN_IMAGES * 200 / whole_rate / 3600
+        print(f"end to end (the split loader, {flags.workers} workers, feeding the step): {whole_rate:.1f} images/s, "
+              f"the device busy {100 * busy:.0f} % of the time; 200 epochs of ImageNet-100 at this rate: {hours:.1f} h")
         memory = peak_host_mb()
         if device.type == "cuda":
             memory["gpu"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
         print(f"peak memory, MB: {memory}")
         return {"loader": loader, "split_cheaper_per_image": round(ratio, 2), "workers": flags.workers,
                 "step_images_per_s": round(step_rate, 1), "loader_feeds_images_per_s": round(feed, 1),
-                "end_to_end_images_per_s": round(whole_rate, 1),
+                "end_to_end_images_per_s": round(whole_rate, 1), "busy_share": round(busy, 3),
+                "hours_for_200_imagenet100_epochs": round(hours, 2),
                 "bound_by": bound, "peak_memory_mb": memory, "folder": args.data_dir or "a temporary shapes folder"}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

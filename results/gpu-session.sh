@@ -1,10 +1,13 @@
 #!/bin/bash
-# The GPU measurements of the speed work, in one call of about 10 minutes on an H100:
-#     OUT=/tmp/gpu bash results/gpu-session.sh
+# The GPU measurements, each part one call of at most 10 minutes on an H100 or H200:
+#     OUT=/tmp/gpu bash results/gpu-session.sh            # speed: ResNet-18, eager, compiled, CUDA graphs
+#     OUT=/tmp/gpu bash results/gpu-session.sh recipe     # the paper's recipe end to end (about 5 minutes)
+#     OUT=/tmp/gpu bash results/gpu-session.sh study      # the object-scale study's runs (issue 23)
 # Writes OUT/log.txt and one bench JSON per setting (copy the eager or fastest one to
 # results/bench-GPUNAME.json). Each step has its own time limit, so a slow compile costs only
 # its own line; output is line-buffered, so a step that is stopped still shows what it printed.
 OUT=${OUT:-/tmp/gpu-session}
+PART=${1:-speed}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 L=$OUT/log.txt
@@ -17,6 +20,29 @@ bench() {   # NAME SECONDS FLAGS...: bench.py with bf16 and the host synchronisa
     timeout "$limit" python3 bench.py --amp bf16 --sync-debug --json "$OUT/$name.json" "$@" 2>&1 | say
     echo "$name: $((SECONDS - start)) s" | say
 }
+if [ "$PART" = recipe ]; then  # the paper's recipe end to end: ResNet-50, 224 px, batch 128, JPEGs at
+    # ImageNet's sizes written here, SCDA from a ResNet-50, the hard negative, hp, the split loader
+    start=$SECONDS
+    timeout 120 python3 data.py --jpeg-folder "$OUT/jpegs" --images 3000 100 2>&1 | say
+    echo "JPEG folder: $((SECONDS - start)) s" | say
+    bench recipe-paper 300 --recipe paper --channels-last --data-dir "$OUT/jpegs" --workers $(( $(nproc) - 2 )) \
+        --repeats 3
+    exit 0
+fi
+study() {   # SECONDS FLAGS...: study.py; after SECONDS, Ctrl-C to it and its runs (timeout signals its
+    local limit=$1 start=$SECONDS; shift           # process group): they save and stop, the next call resumes
+    timeout -s INT -k 60 "$limit" python3 study.py --jobs 8 --threads 2 --device cuda --out "$OUT/study-runs" \
+        --results "$OUT/study.json" "$@" 2>&1 | grep --line-buffered -v "^|" | say
+    echo "study $*: $((SECONDS - start)) s" | say
+}
+if [ "$PART" = study ]; then   # rows 1 3 4 5 at the small scales; results/study.json updated comes back in OUT
+    [ -f "$OUT/study.json" ] || cp results/study.json "$OUT/study.json"
+    study 170 --rows 3 5 4 1 --shapes-object-scale 0.08 0.15
+    study 170 --rows 3 5 4 1 --shapes-object-scale 0.05 0.1
+    study 150 --rows 3 5 4 1 --shapes-object-scale 0.15 0.25
+    study 60 --rows 9 --shapes-object-scale 0.05 0.1
+    exit 0
+fi
 bench eager 60 --channels-last                                       # about 30 s
 timeout 40 python3 bench.py --part encoder --amp bf16 2>&1 | say     # about 20 s
 bench compiled 300 --channels-last --compile --no-parts               # compiles three configurations
