@@ -222,7 +222,10 @@ def scale_figure(path, results, mechanism_results, split="test"):
     """results/scale.png: left, the kNN gain of balanced over random masking against the object
     radius (mean and standard deviation over seeds, each seed paired); right, the mechanism's
     share of views whose query mask hides over half of the object (`--mechanism`'s JSON)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        runs.fail("--scale-figure draws with matplotlib: pip install matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     middle = lambda scale: (scale[0] + scale[1]) / 2
@@ -349,6 +352,8 @@ def main(argv=None):
         runs.fail(f"--rows {bad[0]}: rows are 1-{len(ROWS)}")
     if args.jobs < 1 or args.threads < 1:
         runs.fail(f"--jobs {args.jobs} --threads {args.threads}: need at least 1 of each")
+    if args.mechanism and not runs.can_write(args.mechanism_json):     # before the measurement, not after it
+        runs.fail(f"--mechanism-json {args.mechanism_json}: cannot write there; pick another path")
     if args.mechanism:
         measured = []
         for scale in MECHANISM_SCALES:

@@ -2280,7 +2280,7 @@ def test_study_identifies_a_run_by_every_resolved_flag(tmp_path, monkeypatch, ca
     assert "| 1 | moco | MoCo v2 | 51.0 ± 1.4 | 60.0 ± 0.0 | 21.0 ± 1.4 | 0, 2 |" in table and "abc1234" in table
 
 
-def test_study_pairs_balanced_and_random_masking_by_seed_at_each_object_scale(tmp_path, capsys):
+def test_study_pairs_balanced_and_random_masking_by_seed_at_each_object_scale(tmp_path, capsys, monkeypatch):
     """gains_by_scale: balanced minus random kNN for the seeds that ran both, per scale (a
     default-scale record from before the flag counts as the default); --table adds a table
     per smaller scale; --scale-figure draws them beside the mechanism."""
@@ -2308,6 +2308,14 @@ def test_study_pairs_balanced_and_random_masking_by_seed_at_each_object_scale(tm
     with pytest.raises(SystemExit) as stop:
         study.main(["--scale-figure", str(tmp_path / "s.png"), "--mechanism-json", str(tmp_path / "none.json")])
     assert stop.value.code == 2 and "python study.py --mechanism" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:                           # refused before minutes of measuring
+        study.main(["--mechanism", "--mechanism-json", "/proc/mechanism.json"])
+    assert stop.value.code == 2 and "cannot write there" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)              # a machine without it
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--scale-figure", str(tmp_path / "s.png"), "--results", str(tmp_path / "r.json"),
+                    "--mechanism-json", str(tmp_path / "m.json")])
+    assert stop.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
 
 
 def test_study_exits_non_zero_and_lists_the_failed_runs(tmp_path, monkeypatch, capsys):
