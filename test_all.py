@@ -2285,7 +2285,8 @@ def test_study_pairs_balanced_and_random_masking_by_seed_at_each_object_scale(tm
     default-scale record from before the flag counts as the default); --table adds a table
     per smaller scale; --scale-figure draws them beside the mechanism."""
     def record(row, seed, knn, scale=(0.08, 0.15)):
-        return {**study_record(row, seed, shapes_object_scale=list(scale)), "knn_top1": knn}
+        return {**study_record(row, seed, shapes_object_scale=list(scale), image_size=study.SCALES[scale]),
+                "knn_top1": knn}
     records = [record(3, 0, 40.0), record(3, 1, 42.0), record(5, 0, 45.0), record(5, 1, 46.0),
                record(5, 2, 99.0),                                     # no random run with seed 2: unpaired
                record(4, 1, 41.0), record(3, 0, 57.0, (0.25, 0.45)), record(4, 0, 58.0, (0.25, 0.45))]

@@ -35,12 +35,12 @@ study() {   # SECONDS FLAGS...: study.py; after SECONDS, Ctrl-C to it and its ru
         --results "$OUT/study.json" "$@" 2>&1 | grep --line-buffered -v "^|" | say
     echo "study $*: $((SECONDS - start)) s" | say
 }
-if [ "$PART" = study ]; then   # rows 1 3 4 5 at the small scales; results/study.json updated comes back in OUT
+if [ "$PART" = study ]; then   # rows 1 3 4 5, smaller objects in larger views (study.SCALES); OUT/study.json
     [ -f "$OUT/study.json" ] || cp results/study.json "$OUT/study.json"
-    study 170 --rows 3 5 4 1 --shapes-object-scale 0.08 0.15
-    study 170 --rows 3 5 4 1 --shapes-object-scale 0.05 0.1
-    study 150 --rows 3 5 4 1 --shapes-object-scale 0.15 0.25
-    study 60 --rows 9 --shapes-object-scale 0.05 0.1
+    study 170 --rows 3 5 4 1 --shapes-object-scale 0.08 0.15 --image-size 96
+    study 170 --rows 3 5 4 1 --shapes-object-scale 0.05 0.1 --image-size 144
+    study 150 --rows 3 5 4 1 --shapes-object-scale 0.15 0.25 --image-size 56
+    study 60 --rows 9 --shapes-object-scale 0.05 0.1 --image-size 144
     exit 0
 fi
 bench eager 60 --channels-last                                       # about 30 s
