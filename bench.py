@@ -448,7 +448,9 @@ def bench_recipe(args, device):
         print(f"the training step alone ({args.arch}, batch {args.batch_size}, the method, SCDA saliency): "
               f"{step_rate:.1f} images/s; the split loader with {flags.workers} workers: {feed:.1f}: {bound} bounds")
         # The step alone runs back to back, so end to end over alone is the share of time the
-        # device is busy with steps (the rest it waits for the loader or the host).
+        # device is busy with steps (the rest it waits for the loader or the host). From the
+        # rates as reported, so that the JSON's figures agree with each other.
+        step_rate, whole_rate = round(step_rate, 1), round(whole_rate, 1)
         busy = min(1.0, whole_rate / step_rate)
         hours = IMAGENET100_TRAIN_IMAGES * 200 / whole_rate / 3600
         print(f"end to end (the split loader, {flags.workers} workers, feeding the step): {whole_rate:.1f} images/s, "

@@ -2221,10 +2221,8 @@ def test_bench_times_the_papers_recipe_loader_step_and_both(tmp_path):
     assert report["bound_by"] == ("the loader" if report["loader_feeds_images_per_s"] < report["step_images_per_s"]
                                   else "the training step")
     assert report["end_to_end_images_per_s"] > 0 and report["peak_memory_mb"]["main"] > 0
-    assert report["busy_share"] == pytest.approx(min(1, report["end_to_end_images_per_s"] / report["step_images_per_s"]),
-                                                 abs=0.01)
-    assert report["hours_for_200_imagenet100_epochs"] == pytest.approx(
-        126_689 * 200 / report["end_to_end_images_per_s"] / 3600, rel=0.01)
+    assert report["busy_share"] == round(min(1, report["end_to_end_images_per_s"] / report["step_images_per_s"]), 3)
+    assert report["hours_for_200_imagenet100_epochs"] == round(126_689 * 200 / report["end_to_end_images_per_s"] / 3600, 2)
     assert json.loads((tmp_path / "recipe.json").read_text())["bound_by"] == report["bound_by"]
     assert not [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("bench-recipe-")]   # cleaned up
 
