@@ -257,8 +257,7 @@ def scale_figure(path, results, mechanism_results, split="test"):
     for axis in (left, right):
         axis.set_xlim(0, 0.4)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    runs.write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 
