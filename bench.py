@@ -49,6 +49,7 @@ import data
 import masking
 import models
 import runs
+import shapes
 import train
 from losses import l2norm
 
@@ -395,7 +396,7 @@ def bench_recipe(args, device):
         folder = args.data_dir
         if folder is None:
             folder = os.path.join(workdir, "jpegs")
-            data.write_shapes_folder(folder, (max(4 * args.batch_size, 40), 10))
+            shapes.write_shapes_folder(folder, (max(4 * args.batch_size, 40), 10))
         weights = args.saliency_weights or os.path.join(workdir, "resnet50.pth")
         if not args.saliency_weights:
             torch.save(resnet50().state_dict(), weights)

@@ -30,6 +30,7 @@ import masking
 import models
 import runs
 import saliency
+import shapes
 
 
 @torch.no_grad()
@@ -226,7 +227,7 @@ def preprocessing(train_args):
 
 def supervised_baseline(dataset="shapes", *, arch="resnet18", stem="imagenet", image_size=32, epochs=5,
                         batch_size=128, lr=0.1, device="cpu", shapes_size=(20000, 5000), seed=0, save_weights=None,
-                        object_scale=data.OBJECT_SCALE):
+                        object_scale=shapes.OBJECT_SCALE):
     """How hard a dataset is: a ResNet trained with labels (MoCo v2 augmentation, SGD,
     cosine), then its test top-1 (%) and the kNN top-1 (%) of its features and of a
     random-init encoder of the same architecture.
@@ -239,8 +240,8 @@ def supervised_baseline(dataset="shapes", *, arch="resnet18", stem="imagenet", i
     encoder = models.ResNetEncoder(arch, cifar_stem=stem == "cifar").to(device)
     random_encoder = models.ResNetEncoder(arch, cifar_stem=stem == "cifar").to(device)
     classifier = torch.nn.Linear(encoder.out_dim, 10).to(device)
-    shapes = {"shapes_size": shapes_size, "object_scale": tuple(object_scale)}
-    train_views = data.pretrain_dataset(dataset, image_size=image_size, **shapes)
+    drawn = {"shapes_size": shapes_size, "object_scale": tuple(object_scale)}
+    train_views = data.pretrain_dataset(dataset, image_size=image_size, **drawn)
     loader = torch.utils.data.DataLoader(train_views, batch_size=batch_size, shuffle=True, drop_last=True)
     params = list(encoder.parameters()) + list(classifier.parameters())
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -260,7 +261,7 @@ def supervised_baseline(dataset="shapes", *, arch="resnet18", stem="imagenet", i
         print(f"epoch {epoch}/{epochs}: loss {total_loss / len(loader):.4f}, training top-1 "
               f"{100 * correct / (len(loader) * batch_size):.2f} %, {(time.time() - start) / 60:.1f} min",
               file=sys.stderr, flush=True)
-    train_set, test_set = data.eval_datasets(dataset, image_size=image_size, **shapes)
+    train_set, test_set = data.eval_datasets(dataset, image_size=image_size, **drawn)
     plain = lambda d: torch.utils.data.DataLoader(d, batch_size=256)
     if save_weights:
         state = {name.removeprefix("trunk."): tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}
@@ -292,7 +293,7 @@ def main(argv=None):
     parser.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet",
                         help="with --supervised (cifar: a 4x4 last map at 32 px, for SCDA saliency)")
     parser.add_argument("--lr", type=float, default=0.1, help="with --supervised: SGD's learning rate (cosine)")
-    parser.add_argument("--shapes-object-scale", type=float, nargs=2, metavar=("LO", "HI"), default=data.OBJECT_SCALE,
+    parser.add_argument("--shapes-object-scale", type=float, nargs=2, metavar=("LO", "HI"), default=shapes.OBJECT_SCALE,
                         help="with --supervised: the shapes objects' radius, a share of the side (as train.py)")
     parser.add_argument("--save-weights", metavar="PATH",
                         help="with --supervised: write the network as a torchvision ResNet state_dict, for "
@@ -383,13 +384,13 @@ def main(argv=None):
     data_dir = args.data_dir or train_args.data_dir
     loader = lambda dataset, shuffle=False: torch.utils.data.DataLoader(
         dataset, batch_size=256, shuffle=shuffle, num_workers=train_args.workers)
-    # the checkpoint's shapes (its object scale: the default for runs from before the flag)
-    shapes = {"shapes_size": tuple(train_args.shapes_size),
-              "object_scale": tuple(getattr(train_args, "shapes_object_scale", data.OBJECT_SCALE))}
+    # the shapes the checkpoint saw (its object scale: the default for runs from before the flag)
+    drawn = {"shapes_size": tuple(train_args.shapes_size),
+             "object_scale": tuple(getattr(train_args, "shapes_object_scale", shapes.OBJECT_SCALE))}
     start = time.time()
     try:
         train_set, test_set = data.eval_datasets(dataset, data_dir, image_size, download=args.download,
-                                                 split=args.split, **shapes)
+                                                 split=args.split, **drawn)
         train_features, train_labels = extract_features(encoder, loader(train_set), device, transform=transform)
         test_features, test_labels = extract_features(encoder, loader(test_set), device, transform=transform)
         labelled = train_labels >= 0
@@ -402,7 +403,7 @@ def main(argv=None):
                                                         test_features, test_labels, epochs=args.probe_epochs), 2)
         else:
             augmented, centred = data.eval_datasets(dataset, data_dir, image_size, split=args.split,
-                                                    transforms=data.linear_eval_transforms(image_size), **shapes)
+                                                    transforms=data.linear_eval_transforms(image_size), **drawn)
             results["linear_top1"] = round(linear_probe_paper(
                 encoder, loader(augmented, shuffle=True), loader(centred), device, int(train_labels.max()) + 1,
                 epochs=args.probe_epochs, milestones=(round(0.6 * args.probe_epochs), round(0.8 * args.probe_epochs)),

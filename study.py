@@ -39,6 +39,7 @@ import data
 import masking
 import runs
 import saliency
+import shapes
 import train
 
 # (framework, variant, train.py flags). Each question of the paper gets the rows that answer it.
@@ -267,7 +268,7 @@ def _by_source(gains):
 
 
 @torch.no_grad()
-def mechanism(num_images=5000, image_size=32, grid=7, seed=0, *, object_scale=data.OBJECT_SCALE,
+def mechanism(num_images=5000, image_size=32, grid=7, seed=0, *, object_scale=shapes.OBJECT_SCALE,
               saliency_weights=None):
     """The paper's argument, measured without training: the share of the object that a
     query's mask hides, for uniform random masking and for balanced masking with spectral,
@@ -279,7 +280,7 @@ def mechanism(num_images=5000, image_size=32, grid=7, seed=0, *, object_scale=da
     Returns ({masking: {"median", "p90", "p99", "over_half"}}, {source: {"iou", "precision"}}),
     shares and quality in %."""
     torch.manual_seed(seed)
-    images, object_masks, _ = data.make_shapes(num_images, image_size, seed=seed + 1, object_scale=object_scale)
+    images, object_masks, _ = shapes.make_shapes(num_images, image_size, seed=seed + 1, object_scale=object_scale)
     views, object_masks = data.BatchedMoCoV2(image_size, (0.85, 1.0))(images, object_masks)
     sources = {"spectral saliency": saliency.Saliency("spectral", grid),
                "true foreground (gt)": saliency.Saliency("gt", grid)}
@@ -320,7 +321,7 @@ def figure(path, train_args=(), count=6, seed=0):
     args = config.parse_args(["--batch-size", "16", "--bn-splits", "2", "--queue-size", "64", "--device", "cpu",
                              "--out", os.devnull, *train_args])
     parts = train.build(args, steps_per_epoch=1)
-    images, masks, labels = data.make_shapes(16, args.image_size, seed=seed + 2)
+    images, masks, labels = shapes.make_shapes(16, args.image_size, seed=seed + 2)
     torch.manual_seed(seed)
     with torch.no_grad():
         query, key, negatives, _, figures = train.make_views(args, (images, images, masks, masks, labels), parts)
@@ -362,7 +363,7 @@ def main(argv=None):
     if args.mechanism:
         measured = []
         for scale in MECHANISM_SCALES:
-            print(f"\nobjects of radius {scale[0]}-{scale[1]} of the side{' (the default)' * (scale == data.OBJECT_SCALE)}:")
+            print(f"\nobjects of radius {scale[0]}-{scale[1]} of the side{' (the default)' * (scale == shapes.OBJECT_SCALE)}:")
             shares, quality = mechanism(object_scale=scale, saliency_weights=args.saliency_weights)
             print(mechanism_table(shares, quality), flush=True)
             measured.append({"object_scale": list(scale), "shares": shares, "quality": quality})

@@ -33,6 +33,7 @@ import masking
 import models
 import runs
 import saliency
+import shapes
 import study
 import train
 
@@ -245,8 +246,8 @@ def test_a_supervised_network_saved_here_is_a_saliency_network(tmp_path, capsys,
     224 px would take 49 times the work)."""
     from torchvision.models import resnet18
     path = str(tmp_path / "supervised.pth")
-    drawn, make_shapes = [], data.make_shapes
-    monkeypatch.setattr(data, "make_shapes", lambda *a, **k: drawn.append(k["object_scale"]) or make_shapes(*a, **k))
+    drawn, make_shapes = [], shapes.make_shapes
+    monkeypatch.setattr(shapes, "make_shapes", lambda *a, **k: drawn.append(k["object_scale"]) or make_shapes(*a, **k))
     evaluate.supervised_baseline(stem="cifar", image_size=32, epochs=1, batch_size=16, shapes_size=(32, 16),
                                  save_weights=path, object_scale=(0.05, 0.1))
     assert drawn and set(drawn) == {(0.05, 0.1)}                      # training and kNN splits at that scale
@@ -968,7 +969,7 @@ def test_frameworks_run_under_bf16_autocast_and_channels_last(name):
     assert bn_out.is_contiguous(memory_format=torch.channels_last)    # SplitBN keeps the layout
 
 
-# ============================================================================ data.py
+# ============================================================================ data.py, shapes.py
 
 def test_moco_key_pass_reused_for_saliency_gives_the_same_loss():
     torch.manual_seed(0)
@@ -989,9 +990,9 @@ def test_moco_key_pass_reused_for_saliency_gives_the_same_loss():
 
 
 def test_shapes_are_deterministic_balanced_and_masked():
-    images, masks, labels = data.make_shapes(300, 32, seed=3)
-    again, _, _ = data.make_shapes(300, 32, seed=3)
-    other, _, _ = data.make_shapes(300, 32, seed=4)
+    images, masks, labels = shapes.make_shapes(300, 32, seed=3)
+    again, _, _ = shapes.make_shapes(300, 32, seed=3)
+    other, _, _ = shapes.make_shapes(300, 32, seed=4)
     assert images.dtype == torch.uint8 and images.shape == (300, 3, 32, 32) and masks.shape == (300, 32, 32)
     assert torch.equal(images, again) and not torch.equal(images, other)
     assert torch.bincount(labels, minlength=10).min() >= 15            # every class present
@@ -1013,11 +1014,11 @@ def test_shapes_has_a_validation_split_disjoint_from_train_and_test(tmp_path):
 
 
 def test_the_object_scale_sets_the_shapes_radius_and_the_default_is_unchanged(capsys):
-    default = data.make_shapes(200, 48, seed=3)
-    assert all(torch.equal(a, b) for a, b in zip(default, data.make_shapes(200, 48, seed=3, object_scale=(0.25, 0.45))))
-    _, small, labels = data.make_shapes(200, 48, seed=3, object_scale=(0.08, 0.15))
+    default = shapes.make_shapes(200, 48, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(default, shapes.make_shapes(200, 48, seed=3, object_scale=(0.25, 0.45))))
+    _, small, labels = shapes.make_shapes(200, 48, seed=3, object_scale=(0.08, 0.15))
     area = lambda masks, label: float(masks[labels == label].flatten(1).float().mean())   # share of the image
-    circle = data.SHAPE_CLASSES.index("circle")                       # area 0.81 pi r^2
+    circle = shapes.SHAPE_CLASSES.index("circle")                       # area 0.81 pi r^2
     assert 0.81 * math.pi * 0.25 ** 2 < area(default[1], circle) < 0.81 * math.pi * 0.45 ** 2
     assert 0.81 * math.pi * 0.08 ** 2 * 0.8 < area(small, circle) < 0.81 * math.pi * 0.15 ** 2 * 1.2
     for scale in (["0", "0.1"], ["0.2", "0.1"], ["0.3", "0.6"]):
@@ -1028,7 +1029,7 @@ def test_the_object_scale_sets_the_shapes_radius_and_the_default_is_unchanged(ca
 
 
 def test_shape_colour_alone_does_not_give_the_class():
-    images, masks, labels = data.make_shapes(2000, 32, seed=5)
+    images, masks, labels = shapes.make_shapes(2000, 32, seed=5)
     colour = (images.float() * masks[:, None]).sum((2, 3)) / masks[:, None].sum((2, 3))   # mean object colour
     centroids = torch.stack([colour[labels == c].mean(0) for c in range(10)])
     predicted = torch.cdist(colour, centroids).argmin(1)
@@ -1037,7 +1038,7 @@ def test_shape_colour_alone_does_not_give_the_class():
 
 def test_two_views_carry_the_mask_through_the_crop():
     torch.manual_seed(0)
-    _, masks, labels = data.make_shapes(20, 48, seed=6)
+    _, masks, labels = shapes.make_shapes(20, 48, seed=6)
     images = masks[:, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255   # white object, black background
     views = data.TwoViews(images, masks, labels, 48)
     moved = 0
@@ -1054,7 +1055,7 @@ def test_two_views_carry_the_mask_through_the_crop():
 
 def test_batched_augmentation_keeps_masks_aligned_and_draws_per_image():
     torch.manual_seed(0)
-    _, masks, _ = data.make_shapes(64, 48, seed=7)
+    _, masks, _ = shapes.make_shapes(64, 48, seed=7)
     images = masks[:, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255
     views, moved = data.BatchedMoCoV2(48)(images, masks)
     assert views.shape == (64, 3, 48, 48) and moved.shape == (64, 48, 48) and moved.dtype == torch.bool
@@ -1229,18 +1230,18 @@ def test_an_unreadable_image_is_named_in_one_line_and_the_run_exits(tmp_path):
 def test_the_jpeg_folder_is_imagenet_like_and_appears_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
     from PIL import Image
     root = tmp_path / "jpegs"
-    data.main(["--jpeg-folder", str(root), "--images", "20", "10", "--sizes", "160", "240"])
+    shapes.main(["--jpeg-folder", str(root), "--images", "20", "10", "--sizes", "160", "240"])
     for split, count in (("train", 20), ("val", 10)):
         files = sorted((root / split).glob("*/*.jpg"))
-        assert len(files) == count and {f.parent.name for f in files} == set(data.SHAPE_CLASSES)   # every class
+        assert len(files) == count and {f.parent.name for f in files} == set(shapes.SHAPE_CLASSES)   # every class
         for f in files[:4]:
             with Image.open(f) as image:
                 assert image.format == "JPEG" and 160 <= max(image.size) <= 240 and image.mode == "RGB"
                 assert 3 / 4 - 0.01 <= image.size[0] / image.size[1] <= 4 / 3 + 0.01
     folder = data.load_imagefolder(str(root), "val")
-    assert folder.classes == sorted(data.SHAPE_CLASSES) and len(folder) == 10
+    assert folder.classes == sorted(shapes.SHAPE_CLASSES) and len(folder) == 10
     with pytest.raises(SystemExit) as stop:
-        data.main(["--jpeg-folder", str(root)])
+        shapes.main(["--jpeg-folder", str(root)])
     assert "exists" in str(stop.value.code) and "\n" not in str(stop.value.code)
     saved = []
 
@@ -1249,8 +1250,8 @@ def test_the_jpeg_folder_is_imagenet_like_and_appears_whole_or_not_at_all(tmp_pa
             raise OSError(28, "No space left on device")
         saved.append(path)
     monkeypatch.setattr(Image.Image, "save", full_disk)
-    with pytest.raises(data.DataError, match="No space left on device"):
-        data.write_shapes_folder(str(tmp_path / "full"), (10, 10))
+    with pytest.raises(OSError, match="No space left on device"):
+        shapes.write_shapes_folder(str(tmp_path / "full"), (10, 10))
     assert sorted(os.listdir(tmp_path)) == ["jpegs"]                   # neither full nor full.tmp
 
 
@@ -1258,7 +1259,7 @@ def test_the_papers_recipe_trains_on_a_jpeg_folder_with_saliency_from_a_local_fi
     """ResNet-50, 224 px, an ImageFolder of JPEGs, SCDA saliency from a local state_dict, the
     hard negative, hp, 4 BatchNorm groups and the 224-px defaults: two steps on the CPU."""
     from torchvision.models import resnet18
-    data.write_shapes_folder(str(tmp_path / "jpegs"), (16, 10), sizes=(160, 240))
+    shapes.write_shapes_folder(str(tmp_path / "jpegs"), (16, 10), sizes=(160, 240))
     torch.manual_seed(0)
     torch.save(resnet18().state_dict(), tmp_path / "saliency.pth")   # any torchvision ResNet serves
     loaded = []
@@ -1353,9 +1354,9 @@ def losses_of(folder):
 
 def test_shapes_departs_from_the_paper_only_in_its_documented_defaults(tmp_path):
     parse = lambda *argv: config.parse_args([*argv, "--device", "cpu", "--out", str(tmp_path / "out")])
-    shapes, cifar = parse(), parse("--dataset", "cifar10")
+    on_shapes, cifar = parse(), parse("--dataset", "cifar10")
     # The README's departures for the CPU demo: larger crops, a warm-up epoch, alpha 1.
-    assert (shapes.crop_scale, shapes.warmup_epochs, shapes.alpha) == ([0.85, 1.0], 1.0, 1.0)
+    assert (on_shapes.crop_scale, on_shapes.warmup_epochs, on_shapes.alpha) == ([0.85, 1.0], 1.0, 1.0)
     assert (cifar.crop_scale, cifar.warmup_epochs, cifar.alpha) == ([0.2, 1.0], 0.0, 1.0)   # small: alpha 1
     large = parse("--dataset", "imagefolder")
     assert (large.crop_scale, large.warmup_epochs, large.alpha, large.image_size) == ([0.2, 1.0], 0.0, 2.0, 224)
@@ -1470,7 +1471,7 @@ def test_high_pass_control_filters_every_view_without_masking(tmp_path):
                                             "--device", "cpu", "--out", str(tmp_path / "out")])
     assert (parse().high_pass, parse("--masking", "none").high_pass) == ("on", "off")     # the paper's pairing
     assert parse("--strategy", "blur").high_pass == "off" and parse("--strategy", "blur", "--high-pass", "on").high_pass == "on"
-    images, masks, labels = data.make_shapes(16, 32)
+    images, masks, labels = shapes.make_shapes(16, 32)
     batch = (images, images, masks, masks, labels)
     views = {}
     for high_pass in ("off", "on"):
@@ -1487,7 +1488,7 @@ def test_self_saliency_passes_leave_the_running_statistics_alone(tmp_path):
                              "--batch-size", "16", "--bn-splits", "2", "--queue-size", "64",
                              "--device", "cpu", "--out", str(tmp_path / "out")])
     parts = train.build(args, steps_per_epoch=4)
-    views = data.make_shapes(16, 64)
+    views = shapes.make_shapes(16, 64)
     batch = (views[0], views[0].flip(-1), views[1], views[1].flip(-1), views[2])
     before = running_stats(parts.model)
     train.make_views(args, batch, parts)                              # two saliency passes, no training pass
@@ -1513,7 +1514,7 @@ def test_byol_training_follows_the_cosine_momentum(tmp_path):
     args = config.parse_args(["--framework", "byol", "--masking", "none", "--batch-size", "16",
                              "--bn-splits", "2", "--device", "cpu", "--out", str(tmp_path / "out")])
     parts = train.build(args, steps_per_epoch=2)                      # 8 epochs: 16 steps
-    views = data.make_shapes(16, 32)
+    views = shapes.make_shapes(16, 32)
     batch = (views[0], views[0].flip(-1), views[1], views[1].flip(-1), views[2])
     momenta = []
     for _ in range(3):
@@ -2126,13 +2127,13 @@ def test_transfer_from_shapes_to_cifar10_files_with_both_probes(trained_checkpoi
 def test_supervised_baseline_learns_classes_that_colour_gives_away(monkeypatch):
     """On shapes whose class is its colour (easy in one epoch), the supervised network must
     score well above chance; `shapes` itself takes longer than a test may."""
-    make_shapes = data.make_shapes.__wrapped__
+    make_shapes = shapes.make_shapes.__wrapped__
 
     def coloured(num_images, image_size=64, seed=0, **kwargs):
         images, masks, labels = make_shapes(num_images, image_size, seed, **kwargs)
         colour = (torch.stack([labels * 37, labels * 91, labels * 173], 1) % 256).to(torch.uint8)[:, :, None, None]
         return torch.where(masks[:, None], colour, images // 4), masks, labels
-    monkeypatch.setattr(data, "make_shapes", coloured)
+    monkeypatch.setattr(shapes, "make_shapes", coloured)
     results = evaluate.supervised_baseline(image_size=32, epochs=2, batch_size=32, shapes_size=(512, 128), lr=0.02)
     assert results["supervised_top1"] >= 50, results
 

@@ -23,7 +23,7 @@ bench() {   # NAME SECONDS FLAGS...: bench.py with bf16 and the host synchronisa
 if [ "$PART" = recipe ]; then  # the paper's recipe end to end: ResNet-50, 224 px, batch 128, JPEGs at
     # ImageNet's sizes written here, SCDA from a ResNet-50, the hard negative, hp, the split loader
     start=$SECONDS
-    timeout 120 python3 data.py --jpeg-folder "$OUT/jpegs" --images 3000 100 2>&1 | say
+    timeout 120 python3 shapes.py --jpeg-folder "$OUT/jpegs" --images 3000 100 2>&1 | say
     echo "JPEG folder: $((SECONDS - start)) s" | say
     bench recipe-paper 300 --recipe paper --channels-last --data-dir "$OUT/jpegs" --workers $(( $(nproc) - 2 )) \
         --repeats 3

@@ -1,0 +1,199 @@
+"""The generated `shapes` dataset: ten shapes on smooth random textures, with their true
+object masks. No download and no files: the default dataset of train.py, and the one whose
+object masks let the study measure saliency against the truth.
+
+    >>> import shapes
+    >>> images, masks, labels = shapes.make_shapes(1000, 32, seed=0)   # uint8 [n,3,S,S], bool [n,S,S], [n]
+    >>> small = shapes.make_shapes(1000, 96, object_scale=(0.08, 0.15))  # objects a few % of the view
+
+    python shapes.py --jpeg-folder DIR       # the same shapes as an ImageNet-like folder of JPEGs
+
+data.py reads them as the dataset `shapes` (train, val and test splits from SHAPES_SEEDS).
+Depends on torch (and PIL, which torchvision brings, to write JPEGs).
+"""
+import signal
+if __name__ == "__main__":                # Ctrl-C while torch is imported: stop quietly, nothing is written yet
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+import functools
+import math
+import os
+import shutil
+import sys
+
+import torch
+import torch.nn.functional as F
+
+OBJECT_SCALE = (0.25, 0.45)      # a shapes object's radius, a share of the image side
+# Ten shapes that differ in structure (holes, arms, corners, elongation), not only in the
+# number of polygon sides: at 32 px a rotated pentagon, hexagon and circle look alike.
+SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "crescent", "bar", "L", "T")
+# Six saturated hues: the only colours of the dataset.
+PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.9, 0.8, 0.1], [0.3, 0.8, 0.3],
+                        [0.2, 0.7, 0.9], [0.4, 0.3, 0.9], [0.9, 0.4, 0.8]])
+SHAPES_SEEDS = {"train": 0, "test": 1, "val": 2}   # three independent draws: disjoint splits
+
+
+# ----------------------------------------------------------------------------- in memory
+
+@functools.lru_cache(maxsize=4)                  # train.py's kNN and pre-training share them
+def make_shapes(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE, chunk=1000):
+    """Generate the `shapes` dataset: uint8 images `[n, 3, S, S]`, bool masks `[n, S, S]`,
+    labels `[n]` (an index into SHAPE_CLASSES). Deterministic from `seed`, batched.
+
+    A shape of random size (radius `object_scale` of the side, 25-45 % by default: objects
+    that fill the frame; smaller ones let a random mask hide them), position, rotation and colour lies
+    on a random smooth texture, with a little pixel noise. Object and background colours come
+    from one palette of 6 hues for every image, drawn independently of the class, so colour
+    gives neither the class nor the instance: a view pair can only be matched by its shape
+    (per-image random colours let contrastive learning match views by colour and learn
+    nothing about shape; measured in the README).
+    """
+    g = torch.Generator().manual_seed(seed)
+    images, masks, labels = [], [], []
+    for start in range(0, num_images, chunk):
+        label = torch.randint(len(SHAPE_CLASSES), (min(chunk, num_images - start),), generator=g)
+        image, mask = _draw_shapes(label, image_size, g, object_scale)
+        images.append(image)
+        masks.append(mask)
+        labels.append(label)
+    return torch.cat(images), torch.cat(masks), torch.cat(labels)
+
+
+def _draw_shapes(label, size, g, object_scale=OBJECT_SCALE):
+    """Images uint8 `[n, 3, S, S]` and masks bool `[n, S, S]` of the shapes `label` `[n]`."""
+    n = len(label)
+    mask = _shape_masks(label, size, g, object_scale)
+    object_colour = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
+    tint = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
+    texture = _texture(n, size, g, cells=4)                           # [n, 1, S, S] luminance
+    background = (0.45 + 0.2 * texture) * (0.5 + 0.5 * tint)
+    shading = 0.8 + 0.4 * _texture(n, size, g)
+    image = torch.where(mask[:, None], object_colour * shading, background)
+    image = image + 0.03 * torch.randn(image.shape, generator=g)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), mask
+
+
+def _texture(n, size, g, cells=8):
+    """Smooth random luminance fields in [0, 1], `[n, 1, S, S]`: low-resolution noise of
+    `cells x cells`, upsampled, so a crop of a fifth of the image sees a different pattern."""
+    low = torch.rand(n, 1, cells, cells, generator=g)
+    return F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _shape_masks(label, size, g, object_scale=OBJECT_SCALE):
+    """bool `[n, S, S]`: shape `label` at a random centre, rotation and radius (a share
+    `object_scale` of the side, uniform)."""
+    n = len(label)
+    lo, hi = object_scale
+    radius = size * (lo + (hi - lo) * torch.rand(n, generator=g))
+    cy = radius + (size - 2 * radius) * torch.rand(n, generator=g)
+    cx = radius + (size - 2 * radius) * torch.rand(n, generator=g)
+    angle = 2 * math.pi * torch.rand(n, generator=g)
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    y = (coords[None, :, None] - cy[:, None, None]) / radius[:, None, None]     # [n, S, 1]
+    x = (coords[None, None, :] - cx[:, None, None]) / radius[:, None, None]     # [n, 1, S]
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    u, v = x * cos + y * sin, -x * sin + y * cos                                # rotated frame
+    rho, theta = torch.sqrt(u ** 2 + v ** 2), torch.atan2(v, u)
+
+    def polygon(sides):                                               # regular polygon, circumradius 1
+        wedge = 2 * math.pi / sides
+        return rho * torch.cos(torch.remainder(theta, wedge) - wedge / 2) <= math.cos(math.pi / sides)
+
+    def box(u0, u1, v0, v1):
+        return (u >= u0) & (u <= u1) & (v >= v0) & (v <= v1)
+
+    inside = torch.stack([
+        rho <= 0.9,                                                   # circle
+        box(-0.7, 0.7, -0.7, 0.7),                                    # square
+        polygon(3),                                                   # triangle
+        box(-0.28, 0.28, -1, 1) | box(-1, 1, -0.28, 0.28),            # cross
+        (rho <= 1) & (rho >= 0.6),                                    # ring
+        rho <= 0.5 + 0.5 * torch.cos(5 * theta),                      # star
+        (rho <= 0.95) & ((u - 0.45) ** 2 + v ** 2 > 0.7 ** 2),        # crescent
+        box(-1, 1, -0.25, 0.25),                                      # bar
+        box(-0.8, -0.3, -0.9, 0.9) | box(-0.8, 0.8, 0.4, 0.9),        # L
+        box(-0.9, 0.9, -0.9, -0.45) | box(-0.25, 0.25, -0.9, 0.9),    # T
+    ], dim=1)                                                         # [n, 10, S, S]
+    return inside[torch.arange(n), label]
+
+
+# ----------------------------------------------------------------------------- an ImageNet-like folder
+
+def shapes_image(label, width, height, g):
+    """One `shapes` image of class `label`, drawn at `max(width, height)` px and resized to
+    `height x width` (antialiased): uint8 `[3, height, width]`."""
+    image, _ = _draw_shapes(torch.tensor([label]), max(width, height), g)
+    image = F.interpolate(image.float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return image[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def write_shapes_folder(root, images=(1300, 500), *, sizes=(160, 500), quality=90, seed=0):
+    """Write `shapes` as an ImageNet-like folder of JPEGs: `root/train/<class>/*.jpg` and
+    `root/val/<class>/*.jpg` (`images` train and val images in all, the classes in turn, so
+    at least 10 each for every class to have one: ImageFolder refuses an empty one), each with a longer
+    side drawn from `sizes` px and an aspect ratio from 3/4 to 4/3, JPEG quality `quality`:
+    ImageNet's sizes and format, for `--dataset imagefolder` with no download. The object
+    masks are not written (ImageFolder has nowhere to keep them): `--saliency gt` needs the
+    in-memory `shapes`. Val draws its images like `shapes`' test split, from its own seeds.
+    The folder appears whole or not at all (written beside it, then renamed). An existing
+    `root` raises FileExistsError, a failed write (a full disk) OSError, each with a message
+    that says what to do."""
+    from PIL import Image
+    if os.path.exists(root):
+        raise FileExistsError(f"{root} exists: pick another folder, or remove it to write it again")
+    tmp = root.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)                            # a stopped earlier try
+    try:
+        for split, count in zip(("train", "val"), images):
+            g = torch.Generator().manual_seed(seed * 1000 + SHAPES_SEEDS["train" if split == "train" else "test"])
+            for name in SHAPE_CLASSES:
+                os.makedirs(os.path.join(tmp, split, name))
+            for i in range(count):
+                side = int(torch.randint(sizes[0], sizes[1] + 1, (), generator=g))
+                ratio = math.exp(math.log(3 / 4) + math.log(16 / 9) * float(torch.rand((), generator=g)))
+                width, height = (side, round(side / ratio)) if ratio >= 1 else (round(side * ratio), side)
+                image = shapes_image(i % len(SHAPE_CLASSES), width, height, g)
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(
+                    os.path.join(tmp, split, SHAPE_CLASSES[i % len(SHAPE_CLASSES)], f"{split}_{i:06d}.jpg"),
+                    quality=quality)
+    except BaseException as error:                                    # a full disk, Ctrl-C: nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise OSError(f"writing {root}: {error.strerror or error}; free some space or pick another "
+                          f"folder") from None
+        raise
+    os.replace(tmp, root)
+
+
+def main(argv=None):
+    """`python shapes.py --jpeg-folder DIR`: write `shapes` as JPEGs at ImageNet's sizes."""
+    import argparse
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.error = lambda message: sys.exit(f"error: {message} (see python shapes.py --help)")
+    parser.add_argument("--jpeg-folder", metavar="DIR", required=True,
+                        help="write DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg (write_shapes_folder)")
+    parser.add_argument("--images", type=int, nargs=2, default=(1300, 500), metavar=("TRAIN", "VAL"),
+                        help="images per split, all classes together (default 1300 500: 130 and 50 per class)")
+    parser.add_argument("--sizes", type=int, nargs=2, default=(160, 500), metavar=("MIN", "MAX"),
+                        help="the longer side's range in px (default 160 500, about ImageNet's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if min(args.images) < len(SHAPE_CLASSES):
+        parser.error(f"--images {' '.join(map(str, args.images))}: need at least {len(SHAPE_CLASSES)} per split "
+                     f"(one per class)")
+    if not 8 <= args.sizes[0] <= args.sizes[1]:
+        parser.error(f"--sizes {' '.join(map(str, args.sizes))}: need 8 <= MIN <= MAX")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: need a value >= 0")
+    try:
+        write_shapes_folder(args.jpeg_folder, tuple(args.images), sizes=tuple(args.sizes), seed=args.seed)
+    except OSError as error:                                          # it exists, or the disk is full
+        sys.exit(f"error: {error}")
+    print(f"wrote {sum(args.images)} JPEGs to {args.jpeg_folder}: train it with python train.py --dataset "
+          f"imagefolder --data-dir {args.jpeg_folder}")
+
+
+if __name__ == "__main__":
+    import runs                          # train.py's machinery; the component itself does not need it
+    runs.run_script(main)
