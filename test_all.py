@@ -499,6 +499,28 @@ def test_pixel_masks_trace_into_one_graph_with_no_host_sync():
     assert explained.graph_break_count == 0
 
 
+def test_what_compile_compiles_traces_into_one_graph_each_on_the_gpus_path(tmp_path):
+    """`--compile` compiles the step's view pipeline (augmentation, saliency, masks, fills,
+    hard negatives) and the framework's forward (train.compile_with). A graph break splits the
+    compiled step and usually means a host synchronisation; traced here on the CPU with the
+    GPU's dense hp noise (the CPU's sparse draw sizes its noise from the mask: 12 breaks)."""
+    args = config.parse_args(["--batch-size", "16", "--bn-splits", "2", "--queue-size", "32", "--device", "cpu",
+                              "--out", str(tmp_path / "run")])
+    assert args.masking == "saliency" and args.num_hard_negatives == 1 and args.strategy == "hp"   # the method
+    parts = train.build(args, steps_per_epoch=10)
+    parts.masker.dense_noise = True                                   # what a GPU draws
+    batch = next(iter(torch.utils.data.DataLoader(
+        data.pretrain_dataset("shapes", image_size=32, augment="batched", shapes_size=(16, 1)), batch_size=16)))
+    with torch.no_grad():
+        explained = torch._dynamo.explain(train.make_views)(args, batch, parts)
+        query, key, negatives, keys, _ = train.make_views(args, batch, parts)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(parts.model)(query, key, negatives)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])   # compiling takes minutes on 2 CPU cores
 def test_a_compiled_step_computes_what_an_eager_one_does(device, tmp_path):
     """bench.py's '+ hard negative' configuration on a GPU (so the compiled graphs are cached for it)."""
