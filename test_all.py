@@ -1040,7 +1040,7 @@ def test_the_object_scale_sets_the_shapes_radius_and_the_default_is_unchanged(ca
     assert all(torch.equal(a, b) for a, b in zip(default, shapes.make_shapes(200, 48, seed=3, object_scale=(0.25, 0.45))))
     _, small, labels = shapes.make_shapes(200, 48, seed=3, object_scale=(0.08, 0.15))
     area = lambda masks, label: float(masks[labels == label].flatten(1).float().mean())   # share of the image
-    circle = shapes.SHAPE_CLASSES.index("circle")                       # area 0.81 pi r^2
+    circle = shapes.SHAPE_CLASSES.index("circle")                     # area 0.81 pi r^2
     assert 0.81 * math.pi * 0.25 ** 2 < area(default[1], circle) < 0.81 * math.pi * 0.45 ** 2
     assert 0.81 * math.pi * 0.08 ** 2 * 0.8 < area(small, circle) < 0.81 * math.pi * 0.15 ** 2 * 1.2
     for scale in (["0", "0.1"], ["0.2", "0.1"], ["0.3", "0.6"]):
