@@ -269,19 +269,19 @@ def _by_source(gains):
 
 @torch.no_grad()
 def mechanism(num_images=5000, image_size=32, grid=7, seed=0, *, object_scale=shapes.OBJECT_SCALE,
-              saliency_weights=None):
+              crop_scale=(0.85, 1.0), saliency_weights=None):
     """The paper's argument, measured without training: the share of the object that a
     query's mask hides, for uniform random masking and for balanced masking with spectral,
     true (gt) and, with `saliency_weights`, SCDA foreground. Views are `shapes` training
-    views at `object_scale` (the batched MoCo v2 augmentation at the `shapes` crop scale,
-    0.85-1); masks are the `hp` fill's query masks as train.py draws them (r ~ U(0.05, 0.25),
+    views at `object_scale` (the batched MoCo v2 augmentation, crops of `crop_scale` of the
+    image: 0.85-1 is the `shapes` default; MoCo v2's 0.2-1 zooms in on part of it); masks are the `hp` fill's query masks as train.py draws them (r ~ U(0.05, 0.25),
     the 0.55 cap, channel-wise masks, the focal masks that keep only a square), so a share
     is of the object's pixel values (a pixel hidden in one channel of three counts a third).
     Returns ({masking: {"median", "p90", "p99", "over_half"}}, {source: {"iou", "precision"}}),
     shares and quality in %."""
     torch.manual_seed(seed)
     images, object_masks, _ = shapes.make_shapes(num_images, image_size, seed=seed + 1, object_scale=object_scale)
-    views, object_masks = data.BatchedMoCoV2(image_size, (0.85, 1.0))(images, object_masks)
+    views, object_masks = data.BatchedMoCoV2(image_size, crop_scale)(images, object_masks)
     sources = {"spectral saliency": saliency.Saliency("spectral", grid),
                "true foreground (gt)": saliency.Saliency("gt", grid)}
     if saliency_weights:
@@ -303,6 +303,23 @@ def mechanism(num_images=5000, image_size=32, grid=7, seed=0, *, object_scale=sh
         shares[name] = {"median": round(float(q[0]), 1), "p90": round(float(q[1]), 1),
                         "p99": round(float(q[2]), 1), "over_half": round(100 * float((share > 50).float().mean()), 2)}
     return shares, quality
+
+
+MECHANISM_FLAGS = ("--image-size", "--crop-scale", "--shapes-object-scale")
+
+
+def mechanism_views(train_args):
+    """The views --mechanism measures, from the train.py flags it was given (only those of
+    MECHANISM_FLAGS: the others change training, not the views): {"image_size",
+    "crop_scale", "object_scales"}, train.py's defaults for `shapes` where a flag is absent."""
+    other = [a for a in train_args if a.startswith("-") and a.split("=")[0] not in MECHANISM_FLAGS]
+    if other:
+        runs.fail(f"{other[0]}: --mechanism measures views and reads only {', '.join(MECHANISM_FLAGS)}; "
+                  f"drop the other train.py flags")
+    flags = config.parse_args(["--device", "cpu", "--out", os.devnull, *train_args])
+    given = any(a.split("=")[0] == "--shapes-object-scale" for a in train_args)
+    return {"image_size": flags.image_size, "crop_scale": tuple(flags.crop_scale),
+            "object_scales": [tuple(flags.shapes_object_scale)] if given else list(MECHANISM_SCALES)}
 
 
 def mechanism_table(shares, quality):
@@ -343,7 +360,8 @@ def main(argv=None):
     parser.add_argument("--table", action="store_true", help="only print the table of --results")
     parser.add_argument("--mechanism", action="store_true",
                         help="only measure how much of the object a query mask hides (no training), at each "
-                             "object scale of MECHANISM_SCALES")
+                             "object scale of MECHANISM_SCALES (or the one --shapes-object-scale names), in "
+                             "the views of train.py's --image-size and --crop-scale")
     parser.add_argument("--saliency-weights", metavar="PATH",
                         help="with --mechanism: also SCDA saliency from this network (evaluate.py --supervised "
                              "--stem cifar --save-weights PATH)")
@@ -361,14 +379,15 @@ def main(argv=None):
     if args.mechanism and not runs.can_write(args.mechanism_json):     # before the measurement, not after it
         runs.fail(f"--mechanism-json {args.mechanism_json}: cannot write there; pick another path")
     if args.mechanism:
+        views = mechanism_views(args.train_args)
         measured = []
-        for scale in MECHANISM_SCALES:
+        for scale in views.pop("object_scales"):
             print(f"\nobjects of radius {scale[0]}-{scale[1]} of the side{' (the default)' * (scale == shapes.OBJECT_SCALE)}:")
-            shares, quality = mechanism(object_scale=scale, saliency_weights=args.saliency_weights)
+            shares, quality = mechanism(object_scale=scale, saliency_weights=args.saliency_weights, **views)
             print(mechanism_table(shares, quality), flush=True)
             measured.append({"object_scale": list(scale), "shares": shares, "quality": quality})
         runs.write_json(args.mechanism_json, {"commit": runs.code_commit(), "saliency_weights": args.saliency_weights,
-                                              "scales": measured})
+                                              **views, "scales": measured})
         return measured
     if args.figure:
         return figure(args.figure, args.train_args)

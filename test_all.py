@@ -2378,6 +2378,30 @@ def test_balanced_masking_with_true_foreground_tightens_how_much_object_a_query_
     assert "| random |" in table and "| SCDA, supervised network |" in table
 
 
+def test_the_mechanism_measures_the_views_of_the_train_flags_it_is_given(tmp_path, monkeypatch, capsys):
+    """--mechanism measured 32 px views with crops of 85-100 % whatever --image-size and
+    --crop-scale said, and took other train.py flags without a word."""
+    views = study.mechanism_views(["--image-size", "56", "--crop-scale", "0.2", "1"])
+    assert views == {"image_size": 56, "crop_scale": (0.2, 1.0), "object_scales": list(study.MECHANISM_SCALES)}
+    assert study.mechanism_views(["--shapes-object-scale", "0.15", "0.25"])["object_scales"] == [(0.15, 0.25)]
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--mechanism", "--masking", "random"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "--masking: --mechanism measures views and reads only" in err and "\n" not in err
+    calls = []
+    monkeypatch.setattr(study, "mechanism", lambda **kwargs: calls.append(kwargs) or ({}, {}))
+    study.main(["--mechanism", "--mechanism-json", str(tmp_path / "m.json"), "--image-size", "56", "--crop-scale",
+                "0.2", "1", "--shapes-object-scale", "0.15", "0.25"])
+    assert calls == [{"object_scale": (0.15, 0.25), "saliency_weights": None, "image_size": 56, "crop_scale": (0.2, 1.0)}]
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert (written["image_size"], written["crop_scale"], len(written["scales"])) == (56, [0.2, 1.0], 1)
+    # MoCo v2's crops cut some small objects out of a view (no foreground to find); 85-100 % never does
+    monkeypatch.undo()
+    for crop, whole in (((0.85, 1.0), True), ((0.2, 1.0), False)):
+        _, quality = study.mechanism(num_images=500, object_scale=(0.15, 0.25), crop_scale=crop)
+        assert (quality["true foreground (gt)"]["iou"] == 100.0) == whole
+
+
 # ============================================================================ several processes (torchrun)
 
 def framework_steps(name, world, steps=3, batch=16, bn_splits=4, size=32):
