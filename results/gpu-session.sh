@@ -37,9 +37,10 @@ study() {   # SECONDS FLAGS...: study.py; after SECONDS, Ctrl-C to it and its ru
 }
 if [ "$PART" = study ]; then   # rows 1 3 4 5 with smaller objects in larger views (study.SCALES); OUT/study.json
     # At radius 0.15-0.25 (56 px) rows 1, 3 and 5 learned almost no shapes in 8 epochs, and
-    # MoCo v2's crops of 20-100 % did worse (results/README.md, the object-scale study): the
-    # seeds at 8 epochs, then whether 32 epochs learn them; the 96 and 144 px scales wait for a
-    # recipe that learns small shapes. A call stopped by its limit resumes at the next.
+    # MoCo v2's crops of 20-100 % did worse, and 32 epochs at 32 px flattened at +3.4 kNN points
+    # over random init (results/README.md, the object-scale study): the seeds at 8 epochs, then
+    # 32 epochs at 56 px; the 96 and 144 px scales wait for a recipe that learns small shapes.
+    # A call stopped by its limit resumes at the next.
     [ -f "$OUT/study.json" ] || cp results/study.json "$OUT/study.json"
     study 280 --rows 1 3 5 4 --shapes-object-scale 0.15 0.25 --image-size 56
     study 280 --rows 1 3 5 --seeds 0 --shapes-object-scale 0.15 0.25 --image-size 56 --epochs 32
