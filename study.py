@@ -269,14 +269,15 @@ def _by_source(gains):
 
 @torch.no_grad()
 def mechanism(num_images=5000, image_size=32, grid=7, seed=0, *, object_scale=shapes.OBJECT_SCALE,
-              crop_scale=(0.85, 1.0), saliency_weights=None):
+              crop_scale=tuple(config.SHAPES["crop_scale"]), saliency_weights=None):
     """The paper's argument, measured without training: the share of the object that a
     query's mask hides, for uniform random masking and for balanced masking with spectral,
     true (gt) and, with `saliency_weights`, SCDA foreground. Views are `shapes` training
     views at `object_scale` (the batched MoCo v2 augmentation, crops of `crop_scale` of the
-    image: 0.85-1 is the `shapes` default; MoCo v2's 0.2-1 zooms in on part of it); masks are the `hp` fill's query masks as train.py draws them (r ~ U(0.05, 0.25),
-    the 0.55 cap, channel-wise masks, the focal masks that keep only a square), so a share
-    is of the object's pixel values (a pixel hidden in one channel of three counts a third).
+    image: 0.85-1 is the `shapes` default; MoCo v2's 0.2-1 zooms in on part of it); masks
+    are the `hp` fill's query masks as train.py draws them (r ~ U(0.05, 0.25), the 0.55 cap,
+    channel-wise masks, the focal masks that keep only a square), so a share is of the
+    object's pixel values (a pixel hidden in one channel of three counts a third).
     Returns ({masking: {"median", "p90", "p99", "over_half"}}, {source: {"iou", "precision"}}),
     shares and quality in %."""
     torch.manual_seed(seed)
