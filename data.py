@@ -386,17 +386,19 @@ def _rotate_hue(x, angle, to_yiq, from_yiq):
 
 class Raw(torch.utils.data.Dataset):
     """Unaugmented uint8 images for `--augment batched`: `(image, image, mask, mask, label)`,
-    the same item layout as TwoViews; train.py augments the batch on the device."""
+    the same item layout as TwoViews; train.py augments the batch on the device. With
+    `twins` (images, masks), the second view's image and mask come from there."""
 
-    def __init__(self, images, masks, labels):
+    def __init__(self, images, masks, labels, twins=None):
         self.images, self.masks, self.labels = images, masks, labels
+        self.twins = twins or (images, masks)
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        mask = self.masks[i] if self.masks is not None else torch.zeros(0)
-        return self.images[i], self.images[i], mask, mask, self.labels[i]
+        (mask1, mask2) = (m[i] if m is not None else torch.zeros(0) for m in (self.masks, self.twins[1]))
+        return self.images[i], self.twins[0][i], mask1, mask2, self.labels[i]
 
 
 class PerImageDraws(torch.utils.data.Dataset):
@@ -420,25 +422,27 @@ class TwoViews(PerImageDraws):
     geometric transforms. Item: `(view1, view2, mask1, mask2, label)`; masks are bool
     `[S, S]`, or empty `[0]` tensors for datasets without masks."""
 
-    def __init__(self, images, masks, labels, image_size, crop_scale=CROP_SCALE):
+    def __init__(self, images, masks, labels, image_size, crop_scale=CROP_SCALE, twins=None):
         self.images, self.masks, self.labels = images, masks, labels
+        self.twins = twins or (images, masks)                         # the second view's source (Raw)
         self.transform = moco_v2_augmentation(image_size, crop_scale)
 
     def __len__(self):
         return len(self.labels)
 
-    def _image(self, i):
-        if isinstance(self.images, torch.Tensor):
-            return tv_tensors.Image(self.images[i])
-        return v2.functional.to_image(self.images[i][0])             # ImageFolder: (PIL, label)
+    @staticmethod
+    def _image(images, i):
+        if isinstance(images, torch.Tensor):
+            return tv_tensors.Image(images[i])
+        return v2.functional.to_image(images[i][0])                  # ImageFolder: (PIL, label)
 
     def draw(self, i):
-        image = self._image(i)
+        sources = ((self.images, self.masks), self.twins)
         if self.masks is None:
-            return self.transform(image), self.transform(image), torch.zeros(0), torch.zeros(0), self.labels[i]
-        mask = tv_tensors.Mask(self.masks[i])
-        view1, mask1 = self.transform(image, mask)
-        view2, mask2 = self.transform(image, mask)
+            view1, view2 = (self.transform(self._image(images, i)) for images, _ in sources)
+            return view1, view2, torch.zeros(0), torch.zeros(0), self.labels[i]
+        (view1, mask1), (view2, mask2) = (self.transform(self._image(images, i), tv_tensors.Mask(masks[i]))
+                                          for images, masks in sources)
         return view1, view2, mask1.as_subclass(torch.Tensor), mask2.as_subclass(torch.Tensor), self.labels[i]
 
 
@@ -511,12 +515,19 @@ AUGMENTATIONS = ("batched", "split", "torchvision")
 
 
 def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, augment="torchvision",
-                     crop_scale=CROP_SCALE, **kwargs):
+                     crop_scale=CROP_SCALE, shapes_twins=False, **kwargs):
     """What the loader gives for pre-training, by `augment`: `torchvision`, two augmented
     views per image (TwoViews); `batched`, the raw uint8 images (Raw) for BatchedMoCoV2, which
     needs same-size tensor images (not imagefolder); `split`, two cropped and flipped uint8
-    views (CroppedViews) for `BatchedMoCoV2(geometry=False)`, imagefolder only."""
+    views (CroppedViews) for `BatchedMoCoV2(geometry=False)`, imagefolder only. With
+    `shapes_twins` (shapes only), each second view is of the image's twin (shapes.make_twins)."""
+    if shapes_twins and name != "shapes":
+        raise DataError(f"--shapes-twins draws shapes twice; {name} has no twins: drop the flag")
     images, masks, labels = load_split(name, data_dir, "train", image_size=image_size, download=download, **kwargs)
+    twins = None
+    if shapes_twins:
+        twins = shapes.make_twins(kwargs.get("shapes_size", (20000,))[0], image_size, seed=shapes.SHAPES_SEEDS["train"],
+                                  object_scale=tuple(kwargs.get("object_scale", shapes.OBJECT_SCALE)))
     if name == "stl10":                                               # pre-train on unlabeled + train
         unlabeled, no_labels = load_stl10(data_dir, "unlabeled")
         images, labels = torch.cat([unlabeled, images]), torch.cat([no_labels, labels])
@@ -530,10 +541,10 @@ def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, au
         raise DataError(f"--augment split is for image files (imagefolder); {name} is a tensor dataset: use "
                         f"--augment batched (or torchvision, the reference)")
     if augment == "batched":
-        return Raw(images, masks, labels)
+        return Raw(images, masks, labels, twins)
     if augment == "split":
         return CroppedViews(images, image_size, crop_scale)
-    return TwoViews(images, masks, labels, image_size, crop_scale)
+    return TwoViews(images, masks, labels, image_size, crop_scale, twins)
 
 
 def eval_datasets(name, data_dir="data", image_size=64, *, split="test", transforms=(None, None), **kwargs):

@@ -35,7 +35,6 @@ SHAPES_SEEDS = {"train": 0, "test": 1, "val": 2}   # three independent draws: di
 
 # ----------------------------------------------------------------------------- in memory
 
-@functools.lru_cache(maxsize=4)                  # train.py's kNN and pre-training share them
 def make_shapes(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE, chunk=1000):
     """Generate the `shapes` dataset: uint8 images `[n, 3, S, S]`, bool masks `[n, S, S]`,
     labels `[n]` (an index into SHAPE_CLASSES). Deterministic from `seed`, batched.
@@ -48,29 +47,47 @@ def make_shapes(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE,
     (per-image random colours let contrastive learning match views by colour and learn
     nothing about shape; measured in the README).
     """
+    return _generate(num_images, image_size, seed, tuple(object_scale), chunk, twins=False)[:3]
+
+
+def make_twins(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE, chunk=1000):
+    """`(images, masks)` of make_shapes' images drawn again: the same object (shape, size,
+    rotation, colour) at a new place on a new background, with new noise. A view pair made of
+    an image and its twin (`--shapes-twins`) shares the object and nothing else, so neither the
+    object's place nor its background tells images apart: only what the object looks like.
+    make_shapes' images are the same with twins or without."""
+    return _generate(num_images, image_size, seed, tuple(object_scale), chunk, twins=True)[3:]
+
+
+@functools.lru_cache(maxsize=4)                  # train.py's kNN and pre-training share them
+def _generate(num_images, image_size, seed, object_scale, chunk, twins):
     g = torch.Generator().manual_seed(seed)
-    images, masks, labels = [], [], []
+    again = torch.Generator().manual_seed(2 ** 32 + seed)             # the twins' own stream: g's draws stay as they were
+    drawn = [[], [], [], [], []]
     for start in range(0, num_images, chunk):
         label = torch.randint(len(SHAPE_CLASSES), (min(chunk, num_images - start),), generator=g)
-        image, mask = _draw_shapes(label, image_size, g, object_scale)
-        images.append(image)
-        masks.append(mask)
-        labels.append(label)
-    return torch.cat(images), torch.cat(masks), torch.cat(labels)
+        image, mask, objects = _draw_shapes(label, image_size, g, object_scale)
+        twin = _draw_shapes(label, image_size, again, object_scale, objects)[:2] if twins else (None, None)
+        for kept, part in zip(drawn, (image, mask, label, *twin)):
+            kept.append(part)
+    return tuple(torch.cat(parts) if parts[0] is not None else None for parts in drawn)
 
 
-def _draw_shapes(label, size, g, object_scale=OBJECT_SCALE):
-    """Images uint8 `[n, 3, S, S]` and masks bool `[n, S, S]` of the shapes `label` `[n]`."""
+def _draw_shapes(label, size, g, object_scale=OBJECT_SCALE, objects=None):
+    """Images uint8 `[n, 3, S, S]`, masks bool `[n, S, S]` of the shapes `label` `[n]`, and
+    the objects drawn `(radius, angle, colour)`; given `objects`, those are kept and the
+    place, background and noise drawn anew."""
     n = len(label)
-    mask = _shape_masks(label, size, g, object_scale)
-    object_colour = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
+    mask, radius, angle = _shape_masks(label, size, g, object_scale, None if objects is None else objects[:2])
+    colour = objects[2] if objects is not None else torch.randint(len(PALETTE), (n,), generator=g)
+    object_colour = PALETTE[colour][:, :, None, None]
     tint = PALETTE[torch.randint(len(PALETTE), (n,), generator=g)][:, :, None, None]
     texture = _texture(n, size, g, cells=4)                           # [n, 1, S, S] luminance
     background = (0.45 + 0.2 * texture) * (0.5 + 0.5 * tint)
     shading = 0.8 + 0.4 * _texture(n, size, g)
     image = torch.where(mask[:, None], object_colour * shading, background)
     image = image + 0.03 * torch.randn(image.shape, generator=g)
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8), mask
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), mask, (radius, angle, colour)
 
 
 def _texture(n, size, g, cells=8):
@@ -80,15 +97,17 @@ def _texture(n, size, g, cells=8):
     return F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-def _shape_masks(label, size, g, object_scale=OBJECT_SCALE):
+def _shape_masks(label, size, g, object_scale=OBJECT_SCALE, radius_angle=None):
     """bool `[n, S, S]`: shape `label` at a random centre, rotation and radius (a share
-    `object_scale` of the side, uniform)."""
+    `object_scale` of the side, uniform), with the radius and angle drawn; given
+    `radius_angle`, only the centre is drawn."""
     n = len(label)
     lo, hi = object_scale
-    radius = size * (lo + (hi - lo) * torch.rand(n, generator=g))
+    share = lo + (hi - lo) * torch.rand(n, generator=g) if radius_angle is None else radius_angle[0]
+    radius = size * share
     cy = radius + (size - 2 * radius) * torch.rand(n, generator=g)
     cx = radius + (size - 2 * radius) * torch.rand(n, generator=g)
-    angle = 2 * math.pi * torch.rand(n, generator=g)
+    angle = 2 * math.pi * torch.rand(n, generator=g) if radius_angle is None else radius_angle[1]
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     y = (coords[None, :, None] - cy[:, None, None]) / radius[:, None, None]     # [n, S, 1]
     x = (coords[None, None, :] - cx[:, None, None]) / radius[:, None, None]     # [n, 1, S]
@@ -115,7 +134,7 @@ def _shape_masks(label, size, g, object_scale=OBJECT_SCALE):
         box(-0.8, -0.3, -0.9, 0.9) | box(-0.8, 0.8, 0.4, 0.9),        # L
         box(-0.9, 0.9, -0.9, -0.45) | box(-0.25, 0.25, -0.9, 0.9),    # T
     ], dim=1)                                                         # [n, 10, S, S]
-    return inside[torch.arange(n), label]
+    return inside[torch.arange(n), label], share, angle
 
 
 # ----------------------------------------------------------------------------- an ImageNet-like folder
@@ -123,7 +142,7 @@ def _shape_masks(label, size, g, object_scale=OBJECT_SCALE):
 def shapes_image(label, width, height, g):
     """One `shapes` image of class `label`, drawn at `max(width, height)` px and resized to
     `height x width` (antialiased): uint8 `[3, height, width]`."""
-    image, _ = _draw_shapes(torch.tensor([label]), max(width, height), g)
+    image, _, _ = _draw_shapes(torch.tensor([label]), max(width, height), g)
     image = F.interpolate(image.float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
     return image[0].round().clamp(0, 255).to(torch.uint8)
 

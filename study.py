@@ -91,7 +91,7 @@ def resolve(row, seed, train_args):
 
 # Flags added after runs were recorded, with the value those runs had: a run that does not
 # name one, or names it at that value, is the same experiment (and keeps its run folder).
-LATER_FLAGS = {"shapes_object_scale": [0.25, 0.45]}
+LATER_FLAGS = {"shapes_object_scale": [0.25, 0.45], "shapes_twins": False}
 
 
 def identity(args, *, with_seed=True):

@@ -1050,6 +1050,48 @@ def test_the_object_scale_sets_the_shapes_radius_and_the_default_is_unchanged(ca
         assert "need 0 < LO <= HI <= 0.5" in err and "\n" not in err
 
 
+def test_a_twin_is_the_same_object_at_another_place_on_another_background(tmp_path, capsys):
+    scale = (0.1, 0.2)
+    seed = shapes.SHAPES_SEEDS["train"]                               # what pre-training draws
+    images, masks, labels = shapes.make_shapes(400, 48, seed=seed, object_scale=scale)
+    twins, twin_masks = shapes.make_twins(400, 48, seed=seed, object_scale=scale)
+    assert all(torch.equal(a, b) for a, b in zip((images, masks, labels),      # drawing twins changes no image
+                                                 shapes._generate(400, 48, seed, scale, 1000, twins=True)[:3]))
+    area, twin_area = masks.flatten(1).sum(1).float(), twin_masks.flatten(1).sum(1).float()
+    assert ((twin_area - area).abs() / area).median() < 0.05          # the same size, up to the pixel grid
+    mean = lambda x, m: (x.float() * m[:, None]).sum((2, 3)) / m[:, None].sum((2, 3))
+    colour_gap = (mean(images, masks) - mean(twins, twin_masks)).abs().amax(1)
+    assert colour_gap.median() < 15 and (mean(images, masks) - mean(images.roll(1, 0), masks.roll(1, 0))).abs() \
+        .amax(1).median() > 40                                         # the same colour; another image's differs
+    centre = lambda m: torch.stack([(m.float() * torch.arange(48.)[:, None]).sum((1, 2)),
+                                    (m.float() * torch.arange(48.)).sum((1, 2))], 1) / m.flatten(1).sum(1)[:, None]
+    assert (centre(masks) - centre(twin_masks)).norm(dim=1).median() > 5   # another place
+    both_background = ~masks & ~twin_masks
+    assert ((images.float() - twins.float()).abs().mean(1)[both_background]).mean() > 20   # another background
+    bar = labels == shapes.SHAPE_CLASSES.index("bar")                 # the same rotation: the bar's long axis
+    def axis(m):
+        y, x = torch.nonzero(m, as_tuple=True)
+        y, x = y.float() - y.float().mean(), x.float() - x.float().mean()
+        return 0.5 * math.atan2(2 * float((x * y).mean()), float((x * x).mean() - (y * y).mean()))
+    turn = [abs(math.remainder(axis(a) - axis(b), math.pi)) for a, b in zip(masks[bar], twin_masks[bar])]
+    assert sorted(turn)[len(turn) // 2] < 0.1 and bar.sum() >= 20      # the median
+    item = data.pretrain_dataset("shapes", image_size=48, augment="batched", shapes_size=(400, 1),
+                                 object_scale=scale, shapes_twins=True)[7]
+    assert torch.equal(item[0], images[7]) and torch.equal(item[1], twins[7]) and torch.equal(item[3], twin_masks[7])
+    plain = data.pretrain_dataset("shapes", image_size=48, augment="batched", shapes_size=(400, 1), object_scale=scale)[7]
+    assert torch.equal(plain[1], images[7]) and torch.equal(plain[3], masks[7])
+    view1, view2, mask1, mask2, _ = data.TwoViews(torch.zeros(4, 3, 16, 16, dtype=torch.uint8), masks[:4, :16, :16],
+                                                  labels[:4], 16, twins=(torch.full((4, 3, 16, 16), 255, dtype=torch.uint8),
+                                                                         twin_masks[:4, :16, :16]))[0]
+    assert view1.float().mean() < 0.5 and view2.float().mean() > 0.5  # the torchvision path views the twin too
+    with pytest.raises(data.DataError, match="drop the flag"):
+        data.pretrain_dataset("cifar10", str(tmp_path), 32, shapes_twins=True)
+    with pytest.raises(SystemExit):
+        config.parse_args(["--dataset", "cifar10", "--shapes-twins", "--out", "unused"])
+    err = capsys.readouterr().err.strip()
+    assert "only shapes draws its images twice" in err and "\n" not in err
+
+
 def test_shape_colour_alone_does_not_give_the_class():
     images, masks, labels = shapes.make_shapes(2000, 32, seed=5)
     colour = (images.float() * masks[:, None]).sum((2, 3)) / masks[:, None].sum((2, 3))   # mean object colour
@@ -2285,9 +2327,9 @@ def study_record(row, seed, **changes):
 def test_study_identifies_a_run_by_every_resolved_flag(tmp_path, monkeypatch, capsys):
     results = tmp_path / "results.json"
     # seed 0 ran on a GPU (where and how a run ran is not the experiment); seed 1 with other crops;
-    # seed 2 before --shapes-object-scale existed (at what is now its default)
+    # seed 2 before --shapes-object-scale and --shapes-twins existed (at what is now their default)
     before_the_flag = study_record(1, 2)
-    del before_the_flag["args"]["shapes_object_scale"]
+    del before_the_flag["args"]["shapes_object_scale"], before_the_flag["args"]["shapes_twins"]
     results.write_text(json.dumps([study_record(1, 0, device="cuda", amp="bf16", workers=8, save_every=1.0),
                                    study_record(1, 1, crop_scale=[0.2, 1.0]), before_the_flag]))
     started = []
@@ -2296,7 +2338,8 @@ def test_study_identifies_a_run_by_every_resolved_flag(tmp_path, monkeypatch, ca
     # seeds 0 and 2 are done; seed 1 ran with other crops, so it is another experiment and runs again
     assert started == [(1, 1)]
     smaller = study.resolve(1, 2, ["--shapes-object-scale", "0.08", "0.15"])
-    assert study.identity(smaller) != study.identity(before_the_flag["args"])
+    twins = study.resolve(1, 2, ["--shapes-twins"])
+    assert study.identity(before_the_flag["args"]) not in (study.identity(smaller), study.identity(twins))
     table = capsys.readouterr().out
     assert "| 1 | moco | MoCo v2 | 51.0 ± 1.4 | 60.0 ± 0.0 | 21.0 ± 1.4 | 0, 2 |" in table and "abc1234" in table
 

@@ -171,7 +171,7 @@ def train(args):
     train_set = data.pretrain_dataset(args.dataset, args.data_dir, args.image_size, download=args.download,
                                       augment=args.augment, crop_scale=tuple(args.crop_scale),
                                       shapes_size=tuple(args.shapes_size),
-                                      object_scale=tuple(args.shapes_object_scale))
+                                      object_scale=tuple(args.shapes_object_scale), shapes_twins=args.shapes_twins)
     if args.subset:
         train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
     steps_per_epoch = len(train_set) // args.batch_size
