@@ -2191,7 +2191,7 @@ def test_transfer_from_shapes_to_cifar10_files_with_both_probes(trained_checkpoi
 def test_supervised_baseline_learns_classes_that_colour_gives_away(monkeypatch):
     """On shapes whose class is its colour (easy in one epoch), the supervised network must
     score well above chance; `shapes` itself takes longer than a test may."""
-    make_shapes = shapes.make_shapes.__wrapped__
+    make_shapes = shapes.make_shapes                                   # the original, drawn through its cache
 
     def coloured(num_images, image_size=64, seed=0, **kwargs):
         images, masks, labels = make_shapes(num_images, image_size, seed, **kwargs)
