@@ -526,7 +526,7 @@ def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, au
     images, masks, labels = load_split(name, data_dir, "train", image_size=image_size, download=download, **kwargs)
     twins = None
     if shapes_twins:
-        twins = shapes.make_twins(kwargs.get("shapes_size", (20000,))[0], image_size, seed=shapes.SHAPES_SEEDS["train"],
+        twins = shapes.make_twins(len(labels), image_size, seed=shapes.SHAPES_SEEDS["train"],
                                   object_scale=tuple(kwargs.get("object_scale", shapes.OBJECT_SCALE)))
     if name == "stl10":                                               # pre-train on unlabeled + train
         unlabeled, no_labels = load_stl10(data_dir, "unlabeled")

@@ -47,30 +47,33 @@ def make_shapes(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE,
     (per-image random colours let contrastive learning match views by colour and learn
     nothing about shape; measured in the README).
     """
-    return _generate(num_images, image_size, seed, tuple(object_scale), chunk, twins=False)[:3]
+    return _generate(num_images, image_size, seed, tuple(object_scale), chunk)[:3]
 
 
 def make_twins(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE, chunk=1000):
     """`(images, masks)` of make_shapes' images drawn again: the same object (shape, size,
-    rotation, colour) at a new place on a new background, with new noise. A view pair made of
-    an image and its twin (`--shapes-twins`) shares the object and nothing else, so neither the
-    object's place nor its background tells images apart: only what the object looks like.
-    make_shapes' images are the same with twins or without."""
-    return _generate(num_images, image_size, seed, tuple(object_scale), chunk, twins=True)[3:]
+    rotation, colour) at a new place on a new background, with new noise, from a stream of
+    their own. A view pair made of an image and its twin (`--shapes-twins`) shares the object
+    and nothing else, so neither the object's place nor its background tells images apart:
+    only what the object looks like."""
+    _, _, labels, objects = _generate(num_images, image_size, seed, tuple(object_scale), chunk)
+    again = torch.Generator().manual_seed(2 ** 32 + seed)
+    drawn = [_draw_shapes(labels[i:i + chunk], image_size, again, object_scale, [o[i:i + chunk] for o in objects])[:2]
+             for i in range(0, num_images, chunk)]
+    return tuple(torch.cat(parts) for parts in zip(*drawn))
 
 
 @functools.lru_cache(maxsize=4)                  # train.py's kNN and pre-training share them
-def _generate(num_images, image_size, seed, object_scale, chunk, twins):
+def _generate(num_images, image_size, seed, object_scale, chunk):
+    """make_shapes' images, masks and labels, and the objects drawn `(radius, angle, colour)`."""
     g = torch.Generator().manual_seed(seed)
-    again = torch.Generator().manual_seed(2 ** 32 + seed)             # the twins' own stream: g's draws stay as they were
-    drawn = [[], [], [], [], []]
+    drawn = []
     for start in range(0, num_images, chunk):
         label = torch.randint(len(SHAPE_CLASSES), (min(chunk, num_images - start),), generator=g)
         image, mask, objects = _draw_shapes(label, image_size, g, object_scale)
-        twin = _draw_shapes(label, image_size, again, object_scale, objects)[:2] if twins else (None, None)
-        for kept, part in zip(drawn, (image, mask, label, *twin)):
-            kept.append(part)
-    return tuple(torch.cat(parts) if parts[0] is not None else None for parts in drawn)
+        drawn.append((image, mask, label, *objects))
+    images, masks, labels, *objects = (torch.cat(parts) for parts in zip(*drawn))
+    return images, masks, labels, tuple(objects)
 
 
 def _draw_shapes(label, size, g, object_scale=OBJECT_SCALE, objects=None):

@@ -1055,8 +1055,6 @@ def test_a_twin_is_the_same_object_at_another_place_on_another_background(tmp_pa
     seed = shapes.SHAPES_SEEDS["train"]                               # what pre-training draws
     images, masks, labels = shapes.make_shapes(400, 48, seed=seed, object_scale=scale)
     twins, twin_masks = shapes.make_twins(400, 48, seed=seed, object_scale=scale)
-    assert all(torch.equal(a, b) for a, b in zip((images, masks, labels),      # drawing twins changes no image
-                                                 shapes._generate(400, 48, seed, scale, 1000, twins=True)[:3]))
     area, twin_area = masks.flatten(1).sum(1).float(), twin_masks.flatten(1).sum(1).float()
     assert ((twin_area - area).abs() / area).median() < 0.05          # the same size, up to the pixel grid
     mean = lambda x, m: (x.float() * m[:, None]).sum((2, 3)) / m[:, None].sum((2, 3))
