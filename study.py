@@ -248,7 +248,7 @@ def scale_figure(path, results, mechanism_results, split="test"):
     left.set(xlabel="object radius (share of the side, middle of the range)", ylabel="kNN top-1 gain (points)",
              title="Does saliency tell you where? (mean ± std, n seeds)")
     left.legend()
-    for name in ("random", "balanced, spectral saliency", "balanced, true foreground (gt)"):
+    for name in mechanism_results["scales"][0]["shares"]:             # random, then each source measured (SCDA too)
         points = [(middle(entry["object_scale"]), entry["shares"][name]["over_half"])
                   for entry in mechanism_results["scales"]]
         right.plot(*zip(*points), marker="o", label=name)
