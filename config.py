@@ -208,7 +208,6 @@ BOUNDS = [("epochs", 1, False), ("max_steps", 0, False), ("batch_size", 1, False
           ("log_every", 0, False), ("save_every", 0, False), ("seed", 0, False)]
 
 
-
 def check_args(p, args):
     for name, low, strict in BOUNDS:
         value = getattr(args, name)
@@ -298,4 +297,3 @@ def check_args(p, args):
     if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
         p.error(f"{args.out}/last.pt exists: continue it with --resume auto (or --resume {args.out}/last.pt), "
                 f"or pick another --out")
-

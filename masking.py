@@ -344,4 +344,3 @@ def save_view_grid(path, figures, query, key, negatives, grid, *, count=6, cell=
               "negative is the key with most of its foreground masked.", fill="black", font=font)
     sheet.save(path + ".tmp", format="PNG")                          # atomic: a full disk leaves no half picture
     os.replace(path + ".tmp", path)
-

@@ -190,7 +190,6 @@ FREE_ON_RESUME = ("resume", "out", "device", "amp", "channels_last", "compile", 
                   "knn_every", "save_every", "max_steps", "data_dir", "download")
 
 
-
 def resume_checkpoint(args):
     """The checkpoint to continue from (None: a fresh start). Under torchrun process 0's
     --resume (its `auto` decision) holds for every process, and every process must read that
@@ -381,7 +380,6 @@ def distributed(step_fn, device):
     return ddp(step_fn, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
 
-
 # ----------------------------------------------------------------------------- the output folder
 
 def lock_out_folder(out):
@@ -486,4 +484,3 @@ class SplitTimer:
                 self.seconds[name] += start.elapsed_time(end) / 1000
             self.events.clear()
         return self.seconds
-

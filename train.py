@@ -381,11 +381,9 @@ def stop_if_not_finite(args, step, loss):
         runs.stop_not_finite(args.out, step, f"the loss is {loss.item()}")
 
 
-
 def monitoring_split(dataset):
     """What --knn-every reads: shapes' validation split; datasets without one, their test split."""
     return "val" if dataset == "shapes" else "test"
-
 
 
 def knn(args, model, masker, device, split="test"):
@@ -424,7 +422,6 @@ def main(argv=None):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
 
 
 if __name__ == "__main__":
