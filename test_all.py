@@ -1422,8 +1422,19 @@ def test_shapes_departs_from_the_paper_only_in_its_documented_defaults(tmp_path)
     assert (cifar.crop_scale, cifar.warmup_epochs, cifar.alpha) == ([0.2, 1.0], 0.0, 1.0)   # small: alpha 1
     large = parse("--dataset", "imagefolder")
     assert (large.crop_scale, large.warmup_epochs, large.alpha, large.image_size) == ([0.2, 1.0], 0.0, 2.0, 224)
-    assert parse("--dataset", "stl10").alpha == 1.0 and parse("--image-size", "128").alpha == 2.0
+    assert parse("--dataset", "stl10").alpha == 1.0 and parse("--dataset", "stl10", "--image-size", "128").alpha == 2.0
     assert parse("--alpha", "2").alpha == 2.0 and parse("--alpha", "0").alpha == 0.0    # a given value wins
+
+
+def test_shapes_keeps_its_recipe_at_every_view_size(tmp_path):
+    """The object-scale study changes the view size with the object (up to 144 px): only the
+    view size may change. Above 96 px shapes took the paper's recipe (lr 0.015, a queue of
+    65,536 keys over 20,000 images, alpha 2, tau 0.2), so the smallest objects ran another method."""
+    def recipe(size):
+        args = vars(config.parse_args(["--image-size", str(size), "--device", "cpu", "--out", str(tmp_path / "out")]))
+        return {name: value for name, value in args.items() if name != "image_size"}
+    assert recipe(144) == recipe(96) == recipe(32)
+    assert (recipe(144)["queue_size"], recipe(144)["lr"], recipe(144)["alpha"]) == (4096, 0.06, 1.0)
 
 
 @pytest.mark.parametrize("before,after", [(50.0, 30.0), (30.0, 50.0)])
@@ -1658,6 +1669,10 @@ def test_bn_splits_default_divides_over_torchrun_processes(tmp_path, monkeypatch
     (["--shapes-size", "16", "8", "--batch-size", "32", "--bn-splits", "2", "--queue-size", "64"], "larger than the 16"),
     (["--shapes-size", "64", "8", "--subset", "8", "--batch-size", "32", "--bn-splits", "2", "--queue-size", "64"],
      "larger than the 8"),
+    # a MoCo queue that outlives an epoch holds each image's own earlier keys as its negatives
+    (["--shapes-size", "64", "8", "--batch-size", "32", "--bn-splits", "2", "--queue-size", "96"],
+     "--queue-size 96 is larger than the 64 training images, so each image's own earlier keys would be among its "
+     "negatives: use --queue-size 64 or less"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no GPU")]))
 def test_bad_flags_fail_with_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as stop:

@@ -178,6 +178,10 @@ def train(args):
     if steps_per_epoch == 0:
         runs.fail(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images, so "
                   f"an epoch has no step: use a smaller batch (or more images)")
+    if args.framework == "moco" and args.queue_size > len(train_set):   # its own keys would be its negatives
+        most = len(train_set) // args.batch_size * args.batch_size
+        runs.fail(f"--queue-size {args.queue_size} is larger than the {len(train_set)} training images, so each "
+                  f"image's own earlier keys would be among its negatives: use --queue-size {most} or less")
     first = models.process_group()[0] == 0                            # process 0 writes, the others compute
     with runs.out_folder(args.out) if first else contextlib.nullcontext(), runs.StopRequest(quiet=not first) as stop:
         return run(args, checkpoint, train_set, steps_per_epoch, stop)
