@@ -21,8 +21,9 @@ import saliency
 SMALL = 96          # images up to this size get the CIFAR single-GPU recipe's defaults
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-# The two recipes, for the flags left out (SPEC.md section 5). Images up to SMALL px: MoCo's
-# CIFAR single-GPU recipe, with alpha 1 (fill_defaults says why); larger: the paper's.
+# The two recipes, for the flags left out (SPEC.md section 5). Images up to SMALL px (and
+# shapes at any size): MoCo's CIFAR single-GPU recipe, with alpha 1 (fill_defaults says why);
+# larger: the paper's.
 SMALL_RECIPE = {"lr": lambda batch: 0.06 * batch / 512, "weight_decay": 5e-4, "queue_size": 4096,
                 "moco_momentum": 0.99, "temperature": 0.1, "alpha": 1.0}
 PAPER_RECIPE = {"lr": lambda batch: 0.03 * batch / 256, "weight_decay": 1e-4, "queue_size": 65536,
