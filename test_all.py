@@ -833,6 +833,7 @@ def test_hard_negative_passes_leave_every_running_statistic_as_it_was(name):
 
 
 def test_single_image_batch_norm_is_a_batch_of_one_image_each():
+    torch.manual_seed(0)
     encoder = models.ResNetEncoder("resnet18", bn_splits=2).train()
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad(), models.single_image_batch_norm(encoder):
@@ -842,7 +843,9 @@ def test_single_image_batch_norm_is_a_batch_of_one_image_each():
     plain.load_state_dict(encoder.state_dict())
     with torch.no_grad(), models.batch_stats_only(plain):
         one_by_one = torch.cat([plain(x[i:i + 1]) for i in range(4)])
-    torch.testing.assert_close(together, one_by_one, rtol=1e-4, atol=1e-5)
+    # float32 through 18 layers, a batch of 4 against batches of 1 (other conv kernels): up to 9e-5
+    # apart on features of about 0.85 (an AMD EPYC); whole-batch statistics would be 1.5 apart
+    torch.testing.assert_close(together, one_by_one, rtol=1e-3, atol=1e-3)
     assert all(torch.equal(before[k], v) for k, v in running_stats(encoder).items())
     assert "forward" not in vars(encoder.trunk.bn1)                     # restored on exit
     with pytest.raises(ValueError):                                   # 32 px, ImageNet stem: a 1x1 map
