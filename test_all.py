@@ -1826,8 +1826,8 @@ def test_resume_auto_starts_fresh_then_continues_and_drops_the_records_of_lost_s
     assert result["step"] == 8 and steps == list(range(1, 9))          # no step twice, no lost record
 
 
-SIGNAL_RUN = ["train.py", "--shapes-size", "512", "64", "--image-size", "32", "--stem", "imagenet", "--batch-size",
-              "32", "--bn-splits", "2", "--queue-size", "64", "--workers", "0", "--log-every", "0", "--epochs", "2",
+SIGNAL_RUN = ["train.py", "--shapes-size", "256", "64", "--image-size", "32", "--stem", "imagenet", "--batch-size",
+              "16", "--bn-splits", "2", "--queue-size", "64", "--workers", "0", "--log-every", "0", "--epochs", "2",
               "--device", "cpu"]
 
 
