@@ -1,7 +1,8 @@
 """Tests, grouped by component in the order of the files. Run: `python -m pytest -q test_all.py`.
 
-Each test asserts a property a reader of the paper cares about; the whole file runs on a
-2-core CPU in well under three minutes.
+Each test asserts a property a reader of the paper cares about. The whole file takes minutes
+on a 2-core CPU (the README's "Fresh machine" names the time measured), most of them in the
+end-to-end runs in their own processes: signals, torchrun, a checkpoint that has to learn.
 """
 import argparse
 import json
