@@ -246,10 +246,10 @@ def stop_not_finite(out, step, what):
     sys.exit(1)
 
 
-def save_run(path, args, parts, epoch, step, knn_before):
+def save_run(path, args, parts, epoch, step, knn_before, minutes=0.0):
     """Write a run's state to `path`, atomically: weights, optimizer, lr schedule, grad
-    scaler, position, and every process's random streams (under torchrun all of them call
-    this; process 0 writes). Non-finite weights are never written: they stop the run (exit 1)."""
+    scaler, position, the minutes trained so far, and every process's random streams (under
+    torchrun all of them call this; process 0 writes). Non-finite weights are never written: they stop the run (exit 1)."""
     rank, world = process_group()
     if not finite_weights(parts.model):
         stop_not_finite(args.out, step, "the weights are")
@@ -262,7 +262,8 @@ def save_run(path, args, parts, epoch, step, knn_before):
         save_checkpoint(path, {
             "args": vars(args), "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "epoch": epoch,
-            "step": step, "rng": rngs[0], "rng_per_process": rngs, "knn_random_init": knn_before})
+            "step": step, "rng": rngs[0], "rng_per_process": rngs, "knn_random_init": knn_before,
+            "minutes": minutes})
 
 
 def restore_run(checkpoint, parts, seed, say=print):

@@ -1817,6 +1817,20 @@ def test_a_finished_run_resumed_does_nothing_and_keeps_its_one_final_record(tmp_
     assert "the run is finished, nothing to do" in capsys.readouterr().out
 
 
+def test_a_resumed_run_reports_the_minutes_of_the_whole_run(tmp_path):
+    """The final record's minutes (study.json's train_minutes) count every stretch of a run
+    that was stopped and resumed; they counted the last stretch alone."""
+    run_train(tmp_path, "--epochs", "1", "--max-steps", "2")
+    last = tmp_path / "run" / "last.pt"
+    checkpoint = torch.load(last, weights_only=False)
+    assert 0 < checkpoint["minutes"] < 5
+    torch.save({**checkpoint, "minutes": 60.0}, last)                 # as if the first stretch had trained an hour
+    run_train(tmp_path, "--epochs", "1", "--resume", "auto")
+    final = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r.get("final")][-1]
+    assert final["step"] == 4 and 60 < final["minutes"] < 65
+    assert torch.load(last, weights_only=False)["minutes"] > 60
+
+
 def test_resume_auto_starts_fresh_then_continues_and_drops_the_records_of_lost_steps(tmp_path):
     run_train(tmp_path, "--epochs", "2", "--max-steps", "6", "--resume", "auto")     # no last.pt: starts
     lost = tmp_path / "run" / "metrics.jsonl"

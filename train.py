@@ -219,12 +219,14 @@ class Run:
         self.stop_at = min(parts.total_steps, args.max_steps or parts.total_steps)   # --max-steps: a kill
         self.last_pt = os.path.join(args.out, "last.pt")
         self.epoch, self.step, self.knn_before, self.metrics = 0, 0, None, None
+        self.minutes_before = 0.0                                     # trained by the processes a resume continues
 
     def restore(self, checkpoint):
         """Continue from `checkpoint` (None: a fresh start)."""
         self.checkpoint = checkpoint
         if checkpoint:
             self.epoch, self.step, self.knn_before = runs.restore_run(checkpoint, self.parts, self.args.seed, self.say)
+            self.minutes_before = checkpoint.get("minutes", 0.0)
             self.say(f"resumed {self.args.resume}: epoch {self.epoch}, step {self.step}")
 
     def begin(self, num_images):
@@ -349,8 +351,12 @@ class Run:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
 
+    def minutes(self):
+        """The run's training time so far, over every process that a resume continued."""
+        return self.minutes_before + (time.time() - self.start_time) / 60
+
     def save(self):
-        runs.save_run(self.last_pt, self.args, self.parts, self.epoch, self.step, self.knn_before)
+        runs.save_run(self.last_pt, self.args, self.parts, self.epoch, self.step, self.knn_before, self.minutes())
         self.last_save = time.time()
 
     def stop_here(self, signum):
@@ -363,7 +369,7 @@ class Run:
     def finish(self):
         """The final kNN, its record and line; a warning when the run ends below its random init."""
         knn_after = knn(self.args, self.parts.model, self.parts.masker, self.parts.device)
-        minutes = (time.time() - self.start_time) / 60
+        minutes = self.minutes()
         self.log({"final": True, "step": self.step, "knn_top1": knn_after, "knn_top1_random_init": self.knn_before,
                   "minutes": round(minutes, 2)})
         if self.rank != 0:
