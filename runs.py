@@ -249,7 +249,8 @@ def stop_not_finite(out, step, what):
 def save_run(path, args, parts, epoch, step, knn_before, minutes=0.0):
     """Write a run's state to `path`, atomically: weights, optimizer, lr schedule, grad
     scaler, position, the minutes trained so far, and every process's random streams (under
-    torchrun all of them call this; process 0 writes). Non-finite weights are never written: they stop the run (exit 1)."""
+    torchrun all of them call this; process 0 writes). Non-finite weights are never written:
+    they stop the run (exit 1)."""
     rank, world = process_group()
     if not finite_weights(parts.model):
         stop_not_finite(args.out, step, "the weights are")
