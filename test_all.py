@@ -787,8 +787,8 @@ def make_framework(name):
 def test_a_few_steps_of_each_framework_lower_its_loss(name):
     torch.manual_seed(1)
     model = make_framework(name).train()
-    query, key = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
-    hard = None if name == "byol" else torch.randn(16, 1, 3, 32, 32)
+    query, key = torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16)
+    hard = None if name == "byol" else torch.randn(16, 1, 3, 16, 16)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     history = []
     for _ in range(6):
@@ -927,7 +927,7 @@ def release_gpus(tmp_path_factory):
     """The hard-negative logits of the release's forward on 4 gloo processes (its GPUs) and of
     the project under torchrun on the same 4, for M = 1 and 2: [16, M] each, global order."""
     folder, world = tmp_path_factory.mktemp("release"), 4
-    torch.multiprocessing.spawn(release_process, args=(world, str(folder)), nprocs=world)
+    torch.multiprocessing.start_processes(release_process, args=(world, str(folder)), nprocs=world, start_method="fork")
     gathered = {}
     for num_hard in (1, 2):
         release, torchrun = (torch.empty(16, num_hard, dtype=torch.float64) for _ in range(2))
@@ -984,8 +984,8 @@ def test_byol_refuses_hard_negatives():
 @pytest.mark.parametrize("name", ["moco", "simclr", "byol"])
 def test_frameworks_run_under_bf16_autocast_and_channels_last(name):
     model = make_framework(name).train().to(memory_format=torch.channels_last)
-    views = [torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(2)]
-    hard = None if name == "byol" else torch.randn(4, 1, 3, 32, 32)
+    views = [torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    hard = None if name == "byol" else torch.randn(4, 1, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = model(*views, hard)
     loss.backward()
@@ -1841,9 +1841,10 @@ def test_resume_auto_starts_fresh_then_continues_and_drops_the_records_of_lost_s
     assert result["step"] == 8 and steps == list(range(1, 9))          # no step twice, no lost record
 
 
-SIGNAL_RUN = ["train.py", "--shapes-size", "256", "64", "--image-size", "32", "--stem", "imagenet", "--batch-size",
+SIGNAL_RUN = ["train.py", "--shapes-size", "128", "64", "--image-size", "32", "--stem", "imagenet", "--batch-size",
               "16", "--bn-splits", "2", "--queue-size", "64", "--workers", "0", "--log-every", "0", "--epochs", "2",
               "--device", "cpu"]
+EPOCH_STEPS = 8                                       # 128 images in batches of 16; two epochs
 
 
 def train_process(out, *extra):
@@ -1891,9 +1892,17 @@ def test_ctrl_c_stops_the_study_from_starting_new_runs(tmp_path, monkeypatch, ca
 
 @pytest.fixture(scope="module")
 def unbroken_run(tmp_path_factory):
+    """The reference's losses, as a function: the run starts at once and is waited for only
+    when a test needs its losses, so the first signal case runs beside it (each takes one core)."""
     out = tmp_path_factory.mktemp("unbroken") / "run"
-    assert train_process(out).wait() == 0
-    return losses_of(out)
+    process = train_process(out)
+
+    def losses():
+        assert process.wait() == 0, process.stderr.read()
+        return losses_of(out)
+    yield losses
+    process.kill()                                                    # a no-op once it has ended
+    process.wait()
 
 
 # SIGTERM (preemption) to the whole job, without and with workers (they died of it and took the
@@ -1905,7 +1914,7 @@ def test_a_signal_inside_an_epoch_saves_its_position_and_resume_auto_repeats_not
     import time
     out = tmp_path / "run"
     process = train_process(out, "--workers", workers)
-    while not (out / "metrics.jsonl").exists() or len(losses_of(out)) < 3:   # steps 1-16 are epoch 1
+    while not (out / "metrics.jsonl").exists() or len(losses_of(out)) < 3:   # steps 1-8 are epoch 1
         assert process.poll() is None
         time.sleep(0.05)
     os.killpg(process.pid, signum)                                    # the whole group, as a terminal's Ctrl-C
@@ -1913,11 +1922,11 @@ def test_a_signal_inside_an_epoch_saves_its_position_and_resume_auto_repeats_not
     assert process.wait() == 128 + signum and "Traceback" not in "".join(err)
     assert "--resume auto" in err[-1] and len(err) == 2                # the notice, then one line: how to resume
     checkpoint = torch.load(out / "last.pt", weights_only=False)
-    assert 3 <= checkpoint["step"] < 16 and checkpoint["epoch"] == 0   # inside epoch 1
+    assert 3 <= checkpoint["step"] < EPOCH_STEPS and checkpoint["epoch"] == 0   # inside epoch 1
     assert not (out / "last.pt.tmp").exists() and not (out / "train.lock").exists()
     resumed = train_process(out, "--resume", "auto")
     assert resumed.wait() == 0, resumed.stderr.read()
-    assert losses_of(out) == unbroken_run and sorted(unbroken_run) == list(range(1, 33))
+    assert losses_of(out) == unbroken_run() and sorted(losses_of(out)) == list(range(1, 2 * EPOCH_STEPS + 1))
 
 
 def test_save_every_checkpoints_inside_the_epoch(tmp_path, monkeypatch):
@@ -2526,7 +2535,7 @@ def framework_process(rank, world, folder):
 @pytest.fixture(scope="module")
 def two_process_steps(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two-processes")
-    torch.multiprocessing.spawn(framework_process, args=(2, str(folder)), nprocs=2)
+    torch.multiprocessing.start_processes(framework_process, args=(2, str(folder)), nprocs=2, start_method="fork")
     return [torch.load(folder / f"rank{r}.pt") for r in (0, 1)]
 
 
@@ -2574,18 +2583,17 @@ def test_sigterm_to_torchrun_then_the_same_line_with_resume_auto_repeats_nothing
     err = job.stderr.read()
     assert job.wait() != 0 and "--resume auto to continue" in err
     checkpoint = torch.load(out / "last.pt", weights_only=False)
-    assert 3 <= checkpoint["step"] < 16 and len(checkpoint["rng_per_process"]) == 2
+    assert 3 <= checkpoint["step"] < EPOCH_STEPS and len(checkpoint["rng_per_process"]) == 2
     shutil.copytree(out, tmp_path / "copy")
     assert torchrun(out, "--resume", "auto").wait() == 0
-    assert losses_of(out) == losses_of(tmp_path / "whole") and sorted(losses_of(out)) == list(range(1, 33))
+    assert losses_of(out) == losses_of(tmp_path / "whole")
+    assert sorted(losses_of(out)) == list(range(1, 2 * EPOCH_STEPS + 1))
     # The same checkpoint resumes on one process, its BatchNorm grouping (--bn-splits 2) read from it
     # (it was refused: the one-process default is 8).
     at = SIGNAL_RUN.index("--bn-splits")
-    one = SIGNAL_RUN[:at] + SIGNAL_RUN[at + 2:]
-    done = subprocess.run([sys.executable, *one, "--out", str(tmp_path / "copy"), "--resume", "auto"],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert sorted(losses_of(tmp_path / "copy")) == list(range(1, 33))
+    one = SIGNAL_RUN[1:at] + SIGNAL_RUN[at + 2:]
+    assert train.main([*one, "--out", str(tmp_path / "copy"), "--resume", "auto"])["step"] == 2 * EPOCH_STEPS
+    assert sorted(losses_of(tmp_path / "copy")) == list(range(1, 2 * EPOCH_STEPS + 1))
 
 
 def test_resume_keeps_the_checkpoints_batchnorm_groups_on_any_process_count_that_divides_them(tmp_path,
@@ -2632,10 +2640,12 @@ def test_train_py_on_two_processes_ends_with_the_weights_of_one_process(tmp_path
     flags = ["--framework", "simclr", "--shapes-size", "64", "32", "--batch-size", "16", "--bn-splits", "4",
              "--epochs", "1", "--max-steps", "3", "--workers", "0", "--device", "cpu", "--log-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for command, out in (([sys.executable], "one"), (TORCHRUN[:-len(SIGNAL_RUN)], "two")):
-        done = subprocess.run([*command, str(script), *flags, "--out", str(tmp_path / out)], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
+    jobs = [subprocess.Popen([*command, str(script), *flags, "--out", str(tmp_path / out)], env=env,   # side by side
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for command, out in (([sys.executable], "one"), (TORCHRUN[:-len(SIGNAL_RUN)], "two"))]
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err[-2000:]
     one, two = (torch.load(tmp_path / out / "last.pt", weights_only=False) for out in ("one", "two"))
     assert one["step"] == two["step"] == 3 and two["args"]["bn_splits"] == 4
     assert losses_of(tmp_path / "one").keys() == losses_of(tmp_path / "two").keys() == {1, 2, 3}
@@ -2644,7 +2654,7 @@ def test_train_py_on_two_processes_ends_with_the_weights_of_one_process(tmp_path
         torch.testing.assert_close(two["model"][name], weight, rtol=0, atol=1e-9, msg=name)
 
 
-def test_torchrun_processes_that_see_no_shared_checkpoint_all_stop_in_one_line(tmp_path):
+def test_torchrun_processes_that_see_no_shared_checkpoint_all_stop_in_one_line(tmp_path, monkeypatch):
     """Each process is started in its own folder, as on nodes without a shared file system:
     process 0 finds runs/x/last.pt, process 1 does not, and it would have started at step 0."""
     for rank in ("0", "1"):
@@ -2652,8 +2662,8 @@ def test_torchrun_processes_that_see_no_shared_checkpoint_all_stop_in_one_line(t
     flags = SIGNAL_RUN[1:] + ["--out", "runs/x"]
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    assert subprocess.run([sys.executable, os.path.join(here, "train.py"), *flags, "--max-steps", "2"], env=env,
-                          cwd=tmp_path / "0", capture_output=True).returncode == 0
+    monkeypatch.chdir(tmp_path / "0")
+    assert train.main([*flags, "--max-steps", "2"])["step"] == 2
     script = tmp_path / "in_own_folder.py"
     script.write_text(f"import os, sys\nsys.path.insert(0, {here!r})\nos.chdir(os.path.join({str(tmp_path)!r}, "
                       f"os.environ['LOCAL_RANK']))\nimport train\ntrain.main(sys.argv[1:])\n")
