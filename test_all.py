@@ -927,6 +927,7 @@ def release_gpus(tmp_path_factory):
     """The hard-negative logits of the release's forward on 4 gloo processes (its GPUs) and of
     the project under torchrun on the same 4, for M = 1 and 2: [16, M] each, global order."""
     folder, world = tmp_path_factory.mktemp("release"), 4
+    # forked, not spawned: a spawned process imports this file again, seconds each on 2 cores
     torch.multiprocessing.start_processes(release_process, args=(world, str(folder)), nprocs=world, start_method="fork")
     gathered = {}
     for num_hard in (1, 2):
