@@ -54,6 +54,9 @@ def parse_args(argv=None, prog="train.py"):
     a("--shapes-object-scale", type=float, nargs=2, default=[0.25, 0.45], metavar=("LO", "HI"),
       help="a shapes object's radius as a share of the side, drawn uniformly (default 0.25 0.45: objects that "
            "fill the frame; smaller ones are where a random mask can hide them)")
+    a("--shapes-cache", metavar="DIR",
+      help="keep each drawn shapes split in DIR and load it from there in later runs and in evaluate.py (20,000 "
+           "images at 144 px take about two minutes to draw on two CPU cores; default: draw them in each run)")
     a("--shapes-twins", action="store_true",
       help="each pair's second view is the image's twin: its object (shape, size, rotation, colour) drawn again at "
            "another place on another background, so a pair shares the object alone (default: two crops of one image)")
@@ -229,6 +232,8 @@ def check_args(p, args):
         p.error(f"--shapes-object-scale {lo} {hi}: need 0 < LO <= HI <= 0.5 (a radius of half the side fills it)")
     if args.shapes_twins and args.dataset != "shapes":
         p.error(f"--shapes-twins with --dataset {args.dataset}: only shapes draws its images twice; drop the flag")
+    if args.shapes_cache and args.dataset != "shapes":
+        p.error(f"--shapes-cache with --dataset {args.dataset}: only shapes draws its images; drop the flag")
     if min(args.shapes_size) < 1:
         p.error(f"--shapes-size {args.shapes_size[0]} {args.shapes_size[1]}: need at least 1 image per split")
     if not args.out:

@@ -220,12 +220,12 @@ SPLITS = ("train", "val", "test")
 
 
 def load_split(name, data_dir, split, *, image_size=64, download=False, shapes_size=(20000, 5000),
-               object_scale=shapes.OBJECT_SCALE):
+               object_scale=shapes.OBJECT_SCALE, shapes_cache=None):
     """Raw data of one split (`train`, `val` or `test`): `(images uint8 [n,3,H,W] or an
     ImageFolder, masks or None, labels)`. Only `shapes` has a validation split (drawn like the
     others, as many images as the test split): monitoring and tuning read it, reported
     results the test split. For pre-training on stl10, `train` takes the unlabeled and train
-    splits together."""
+    splits together. `shapes_cache`: a folder that keeps shapes' draws (shapes.make_shapes)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if split == "val" and name != "shapes":
@@ -234,7 +234,7 @@ def load_split(name, data_dir, split, *, image_size=64, download=False, shapes_s
     train = split == "train"
     if name == "shapes":
         return shapes.make_shapes(shapes_size[0 if train else 1], image_size, seed=shapes.SHAPES_SEEDS[split],
-                                  object_scale=tuple(object_scale))
+                                  object_scale=tuple(object_scale), cache=shapes_cache)
     if name in ("cifar10", "cifar100"):
         images, labels = load_cifar(data_dir, name, train, download)
         return images, None, labels
@@ -527,7 +527,8 @@ def pretrain_dataset(name, data_dir="data", image_size=64, download=False, *, au
     twins = None
     if shapes_twins:
         twins = shapes.make_twins(len(labels), image_size, seed=shapes.SHAPES_SEEDS["train"],
-                                  object_scale=tuple(kwargs.get("object_scale", shapes.OBJECT_SCALE)))
+                                  object_scale=tuple(kwargs.get("object_scale", shapes.OBJECT_SCALE)),
+                                  cache=kwargs.get("shapes_cache"))
     if name == "stl10":                                               # pre-train on unlabeled + train
         unlabeled, no_labels = load_stl10(data_dir, "unlabeled")
         images, labels = torch.cat([unlabeled, images]), torch.cat([no_labels, labels])

@@ -386,7 +386,8 @@ def main(argv=None):
         dataset, batch_size=256, shuffle=shuffle, num_workers=train_args.workers)
     # the shapes the checkpoint saw (its object scale: the default for runs from before the flag)
     drawn = {"shapes_size": tuple(train_args.shapes_size),
-             "object_scale": tuple(getattr(train_args, "shapes_object_scale", shapes.OBJECT_SCALE))}
+             "object_scale": tuple(getattr(train_args, "shapes_object_scale", shapes.OBJECT_SCALE)),
+             "shapes_cache": getattr(train_args, "shapes_cache", None)}
     start = time.time()
     try:
         train_set, test_set = data.eval_datasets(dataset, data_dir, image_size, download=args.download,

@@ -187,7 +187,7 @@ def seed_all(seed):
 
 # Flags that say where and how a run runs, not what it computes: a resumed run may change them.
 FREE_ON_RESUME = ("resume", "out", "device", "amp", "channels_last", "compile", "workers", "log_every",
-                  "knn_every", "save_every", "max_steps", "data_dir", "download")
+                  "knn_every", "save_every", "max_steps", "data_dir", "download", "shapes_cache")
 
 
 def resume_checkpoint(args):

@@ -1,6 +1,7 @@
 """The generated `shapes` dataset: ten shapes on smooth random textures, with their true
-object masks. No download and no files: the default dataset of train.py, and the one whose
-object masks let the study measure saliency against the truth.
+object masks. No download: the default dataset of train.py, and the one whose object masks
+let the study measure saliency against the truth. Drawn in memory, and kept in a folder only
+when asked (`cache`, train.py's --shapes-cache: large views that many runs draw).
 
     >>> import shapes
     >>> images, masks, labels = shapes.make_shapes(1000, 32, seed=0)   # uint8 [n,3,S,S], bool [n,S,S], [n]
@@ -14,7 +15,9 @@ Depends on torch (and PIL, which torchvision brings, to write JPEGs).
 import signal
 if __name__ == "__main__":                # Ctrl-C while torch is imported: stop quietly, nothing is written yet
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+import fcntl
 import functools
+import hashlib
 import math
 import os
 import shutil
@@ -35,7 +38,7 @@ SHAPES_SEEDS = {"train": 0, "test": 1, "val": 2}   # three independent draws: di
 
 # ----------------------------------------------------------------------------- in memory
 
-def make_shapes(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE, chunk=1000):
+def make_shapes(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE, chunk=1000, cache=None):
     """Generate the `shapes` dataset: uint8 images `[n, 3, S, S]`, bool masks `[n, S, S]`,
     labels `[n]` (an index into SHAPE_CLASSES). Deterministic from `seed`, batched.
 
@@ -46,17 +49,21 @@ def make_shapes(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE,
     gives neither the class nor the instance: a view pair can only be matched by its shape
     (per-image random colours let contrastive learning match views by colour and learn
     nothing about shape; measured in the README).
+
+    `cache`: a folder where the draw is kept (see `_kept`), so that later calls, in other
+    processes too, load it instead of drawing it again (20,000 images at 144 px: about two
+    minutes on two CPU cores, and a study draws them in every run and every evaluation).
     """
-    return _generate(num_images, image_size, seed, tuple(object_scale), chunk)[:3]
+    return _generate(num_images, image_size, seed, tuple(object_scale), chunk, cache)[:3]
 
 
-def make_twins(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE, chunk=1000):
+def make_twins(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE, chunk=1000, cache=None):
     """`(images, masks)` of make_shapes' images drawn again: the same object (shape, size,
     rotation, colour) at a new place on a new background, with new noise, from a stream of
     their own. A view pair made of an image and its twin (`--shapes-twins`) shares the object
     and nothing else, so neither the object's place nor its background tells images apart:
-    only what the object looks like."""
-    _, _, labels, objects = _generate(num_images, image_size, seed, tuple(object_scale), chunk)
+    only what the object looks like. `cache`: make_shapes'."""
+    _, _, labels, objects = _generate(num_images, image_size, seed, tuple(object_scale), chunk, cache)
     again = torch.Generator().manual_seed(2 ** 32 + seed)
     drawn = [_draw_shapes(labels[i:i + chunk], image_size, again, object_scale, [o[i:i + chunk] for o in objects])[:2]
              for i in range(0, num_images, chunk)]
@@ -64,8 +71,47 @@ def make_twins(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE, 
 
 
 @functools.lru_cache(maxsize=4)                  # train.py's kNN and pre-training share them
-def _generate(num_images, image_size, seed, object_scale, chunk):
+def _generate(num_images, image_size, seed, object_scale, chunk, cache=None):
     """make_shapes' images, masks and labels, and the objects drawn `(radius, angle, colour)`."""
+    key = num_images, image_size, seed, object_scale, chunk
+    return _draw(*key) if cache is None else _kept(cache, *key)
+
+
+def _kept(folder, num_images, image_size, seed, object_scale, chunk):
+    """_draw of these arguments, kept in `folder`: loaded (memory-mapped, so processes that
+    read it at once share its pages) when the file of these arguments, this shapes.py and this
+    torch is there, else drawn and written. A lock makes processes that ask at once wait for
+    the first one's draw; the file appears whole (written beside it, then renamed). A folder
+    that cannot be written costs time alone: a warning, and the draw."""
+    key = num_images, image_size, seed, object_scale, chunk
+    with open(__file__, "rb") as source:                          # an edit to the drawing draws anew
+        version = hashlib.sha1(source.read() + torch.__version__.encode()).hexdigest()[:10]
+    path = os.path.join(folder, f"shapes-{num_images}x{image_size}px-seed{seed}-radius{object_scale[0]}-"
+                                f"{object_scale[1]}-chunk{chunk}-{version}.pt")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(path + ".lock", "a")
+    except OSError as error:
+        print(f"warning: cannot keep shapes in {folder} ({error.strerror or error}); drawing them", file=sys.stderr)
+        return _draw(*key)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                          # released when the file closes
+        if os.path.exists(path):
+            return torch.load(path, mmap=True, weights_only=True)
+        drawn = _draw(*key)
+        try:
+            torch.save(drawn, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        except OSError as error:                                  # a full disk: this run goes on
+            print(f"warning: cannot keep shapes in {folder} ({error.strerror or error}); later runs draw them "
+                  f"again", file=sys.stderr)
+        finally:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+        return drawn
+
+
+def _draw(num_images, image_size, seed, object_scale, chunk):
     g = torch.Generator().manual_seed(seed)
     drawn = []
     for start in range(0, num_images, chunk):

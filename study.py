@@ -78,7 +78,7 @@ ROWS = [
 SEEDS = {"moco": [0, 1, 2], "simclr": [0, 1], "byol": [0, 1]}
 # Resolved flags that say where and how a run ran, not what it is.
 NOT_THE_EXPERIMENT = ("out", "resume", "device", "amp", "channels_last", "compile", "workers", "log_every",
-                      "knn_every", "save_every", "data_dir", "download", "world_size")
+                      "knn_every", "save_every", "data_dir", "download", "shapes_cache", "world_size")
 
 
 def resolve(row, seed, train_args):

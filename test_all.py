@@ -1040,6 +1040,51 @@ def test_shapes_has_a_validation_split_disjoint_from_train_and_test(tmp_path):
     assert train.monitoring_split("shapes") == "val" and train.monitoring_split("cifar10") == "test"
 
 
+def test_the_shapes_cache_keeps_one_draw_that_later_calls_and_other_runs_load(tmp_path, monkeypatch, capsys):
+    """--shapes-cache: a 144 px training set takes minutes to draw, and a study draws it in
+    every run and every evaluation; kept once, it is loaded, the same tensors."""
+    import threading
+    cache, key = str(tmp_path / "cache"), (40, 24, 3, (0.1, 0.2), 16)
+    drawn = shapes.make_shapes(40, 24, seed=3, object_scale=(0.1, 0.2), chunk=16)      # in memory, no file
+    draws, real_draw = [], shapes._draw
+    def counted(*key):
+        draws.append(key)
+        time.sleep(0.3)                                           # long enough for the other thread to ask
+        return real_draw(*key)
+    monkeypatch.setattr(shapes, "_draw", counted)
+    asked = [threading.Thread(target=shapes._kept, args=(cache, *key)) for _ in range(2)]
+    [thread.start() for thread in asked]
+    [thread.join() for thread in asked]
+    assert len(draws) == 1                                        # the second waited for the first's file
+    kept = [name for name in os.listdir(cache) if name.endswith(".pt")]
+    assert len(kept) == 1 and "24px" in kept[0] and "seed3" in kept[0]
+    loaded = shapes.make_shapes(40, 24, seed=3, object_scale=(0.1, 0.2), chunk=16, cache=cache)
+    assert len(draws) == 1 and all(torch.equal(a, b) for a, b in zip(loaded, drawn))
+    twins = shapes.make_twins(40, 24, seed=3, object_scale=(0.1, 0.2), chunk=16, cache=cache)
+    assert len(draws) == 1 and torch.equal(twins[0], shapes.make_twins(40, 24, seed=3, object_scale=(0.1, 0.2),
+                                                                     chunk=16)[0])
+    edited = tmp_path / "shapes.py"                               # another shapes.py: another file, drawn again
+    edited.write_text(open(shapes.__file__).read() + "\n# edited\n")
+    monkeypatch.setattr(shapes, "__file__", str(edited))
+    assert torch.equal(shapes._kept(cache, *key)[0], drawn[0]) and len(draws) == 2
+    assert len([name for name in os.listdir(cache) if name.endswith(".pt")]) == 2
+    (tmp_path / "a-file").write_text("")                          # a folder that cannot be made: drawn, warned
+    assert torch.equal(shapes._kept(str(tmp_path / "a-file" / "cache"), *key)[0], drawn[0]) and len(draws) == 3
+    assert "cannot keep shapes in" in capsys.readouterr().err
+    # train.py's flag reaches every draw of a run and its evaluation, and is not part of the experiment
+    raw = data.pretrain_dataset("shapes", image_size=24, augment="batched", shapes_size=(40, 8),
+                                object_scale=(0.1, 0.2), shapes_cache=cache)
+    assert torch.equal(raw[5][1], shapes.make_shapes(40, 24, seed=shapes.SHAPES_SEEDS["train"],
+                                                     object_scale=(0.1, 0.2))[0][5])
+    assert any(f"40x24px-seed{shapes.SHAPES_SEEDS['train']}" in name for name in os.listdir(cache))
+    assert study.identity(study.resolve(3, 0, ["--shapes-cache", cache])) == study.identity(study.resolve(3, 0, []))
+    assert "shapes_cache" in runs.FREE_ON_RESUME
+    with pytest.raises(SystemExit):
+        config.parse_args(["--dataset", "cifar10", "--shapes-cache", cache, "--out", "unused"])
+    err = capsys.readouterr().err.strip()
+    assert "only shapes draws its images" in err and "\n" not in err
+
+
 def test_the_object_scale_sets_the_shapes_radius_and_the_default_is_unchanged(capsys):
     default = shapes.make_shapes(200, 48, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(default, shapes.make_shapes(200, 48, seed=3, object_scale=(0.25, 0.45))))

@@ -171,7 +171,8 @@ def train(args):
     train_set = data.pretrain_dataset(args.dataset, args.data_dir, args.image_size, download=args.download,
                                       augment=args.augment, crop_scale=tuple(args.crop_scale),
                                       shapes_size=tuple(args.shapes_size),
-                                      object_scale=tuple(args.shapes_object_scale), shapes_twins=args.shapes_twins)
+                                      object_scale=tuple(args.shapes_object_scale), shapes_twins=args.shapes_twins,
+                                      shapes_cache=args.shapes_cache)
     if args.subset:
         train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
     steps_per_epoch = len(train_set) // args.batch_size
@@ -406,7 +407,8 @@ def knn(args, model, masker, device, split="test"):
     accuracy = None
     if rank == 0:
         datasets = data.eval_datasets(args.dataset, args.data_dir, args.image_size, split=split,
-                                      shapes_size=tuple(args.shapes_size), object_scale=tuple(args.shapes_object_scale))
+                                      shapes_size=tuple(args.shapes_size), object_scale=tuple(args.shapes_object_scale),
+                                      shapes_cache=args.shapes_cache)
         transform = masker.filter if args.high_pass == "on" else None
         (train_x, train_y), (test_x, test_y) = (evaluate.extract_features(model.backbone, torch.utils.data.DataLoader(
             d, batch_size=256, num_workers=args.workers, worker_init_fn=runs.ignore_stop_signals), device,
