@@ -2,7 +2,7 @@
 # The GPU measurements, each part one call of at most 10 minutes on an H100 or H200:
 #     OUT=/tmp/gpu bash results/gpu-session.sh            # speed: ResNet-18, eager, compiled, CUDA graphs
 #     OUT=/tmp/gpu bash results/gpu-session.sh recipe     # the paper's recipe end to end (about 5 minutes)
-#     OUT=/tmp/gpu bash results/gpu-session.sh study      # the object-scale study (56, 96, 144 px)
+#     OUT=/tmp/gpu bash results/gpu-session.sh study      # the object-scale study (144, 96, 56 px; 8 min)
 # Writes OUT/log.txt and one bench JSON per setting (copy the eager or fastest one to
 # results/bench-GPUNAME.json). Each step has its own time limit, so a slow compile costs only
 # its own line; output is line-buffered, so a step that is stopped still shows what it printed.
@@ -29,21 +29,29 @@ if [ "$PART" = recipe ]; then  # the paper's recipe end to end: ResNet-50, 224 p
         --repeats 3
     exit 0
 fi
-study() {   # SECONDS FLAGS...: study.py; after SECONDS, Ctrl-C to it and its runs (timeout signals its
-    local limit=$1 start=$SECONDS; shift           # process group): they save and stop, the next call resumes
-    timeout -s INT -k 60 "$limit" python3 study.py --jobs 8 --threads 2 --device cuda --out "$OUT/study-runs" \
-        --results "$OUT/study.json" "$@" 2>&1 | grep --line-buffered -v "^|" | say
+study() {   # SECONDS FLAGS...: study.py, 8 runs at a time; after SECONDS, Ctrl-C to it and its runs (timeout
+    local limit=$1 start=$SECONDS; shift   # signals its process group): they save and stop
+    [ "$limit" -ge 60 ] || { echo "study $*: skipped, ${limit} s left" | say; return; }
+    timeout -s INT -k 60 "$limit" python3 study.py --jobs 8 --threads 2 --device cuda --out runs/gpu-study \
+        --results runs/gpu-study/study.json --channels-last --workers 2 --shapes-cache runs/shapes-cache "$@" 2>&1 \
+        | grep --line-buffered -v "^|" | say
+    cp runs/gpu-study/study.json "$OUT/study.json"
     echo "study $*: $((SECONDS - start)) s" | say
 }
-if [ "$PART" = study ]; then   # rows 3 5 4 1 at the smaller object scales of study.SCALES, 3 seeds; OUT/study.json
-    # No recipe tried learns small shapes at 56 px (results/README.md, the object-scale study),
-    # but the study's question is asked where the mechanism is active (over half of the object
-    # hidden in 3-6 % of views: 96 and 144 px), and its answer is whatever those rows learn.
-    # A call stopped by its limit resumes at the next: run the part again until it says 0 runs.
-    [ -f "$OUT/study.json" ] || cp results/study.json "$OUT/study.json"
-    study 150 --rows 3 5 4 1 --shapes-object-scale 0.15 0.25 --image-size 56
-    study 200 --rows 3 5 4 1 --shapes-object-scale 0.08 0.15 --image-size 96
-    study 200 --rows 3 5 4 1 9 --shapes-object-scale 0.05 0.1 --image-size 144
+if [ "$PART" = study ]; then   # the object-scale study: rows 3 5 4 1 (and the method at 144 px), 3 seeds each
+    # Runs and records live in the repository's runs/ (ignored), which a warm machine keeps: a call made at once
+    # after one stopped by its limit resumes its runs. OUT/study.json comes back after each scale: copy it to
+    # results/study.json before the next call, so that a fresh machine skips the runs already recorded. The
+    # smallest objects first (the scale still to run); the drawn images are kept in runs/shapes-cache, drawn once.
+    mkdir -p runs/gpu-study
+    [ -f runs/gpu-study/study.json ] || cp results/study.json runs/gpu-study/study.json
+    start=$SECONDS       # the 144 px splits drawn once with every core, before 8 runs wait for the first one's draw
+    OMP_NUM_THREADS=$(nproc) timeout 240 python3 -c "import data; [data.load_split('shapes', '', split,
+        image_size=144, object_scale=(0.05, 0.1), shapes_cache='runs/shapes-cache') for split in ('train', 'test')]"
+    echo "the 144 px images drawn: $((SECONDS - start)) s" | say
+    study $((480 - SECONDS)) --rows 3 5 4 1 9 --shapes-object-scale 0.05 0.1 --image-size 144
+    study $((480 - SECONDS)) --rows 3 5 4 1 --shapes-object-scale 0.08 0.15 --image-size 96
+    study $((480 - SECONDS)) --rows 3 5 4 1 --shapes-object-scale 0.15 0.25 --image-size 56
     exit 0
 fi
 bench eager 60 --channels-last                                       # about 30 s
