@@ -15,7 +15,6 @@ Depends on torch (and PIL, which torchvision brings, to write JPEGs).
 import signal
 if __name__ == "__main__":                # Ctrl-C while torch is imported: stop quietly, nothing is written yet
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-import fcntl
 import functools
 import hashlib
 import math
@@ -83,6 +82,7 @@ def _kept(folder, num_images, image_size, seed, object_scale, chunk):
     torch is there, else drawn and written. A lock makes processes that ask at once wait for
     the first one's draw; the file appears whole (written beside it, then renamed). A folder
     that cannot be written costs time alone: a warning, and the draw."""
+    import fcntl                                                  # POSIX: the rest of the file runs anywhere
     key = num_images, image_size, seed, object_scale, chunk
     with open(__file__, "rb") as source:                          # an edit to the drawing draws anew
         version = hashlib.sha1(source.read() + torch.__version__.encode()).hexdigest()[:10]
