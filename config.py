@@ -56,7 +56,7 @@ def parse_args(argv=None, prog="train.py"):
            "fill the frame; smaller ones are where a random mask can hide them)")
     a("--shapes-cache", metavar="DIR",
       help="keep each drawn shapes split in DIR and load it from there in later runs and in evaluate.py (20,000 "
-           "images at 144 px take about two minutes to draw on two CPU cores; default: draw them in each run)")
+           "images at 144 px take 90 s to draw on two CPU cores; default: draw them in each run)")
     a("--shapes-twins", action="store_true",
       help="each pair's second view is the image's twin: its object (shape, size, rotation, colour) drawn again at "
            "another place on another background, so a pair shares the object alone (default: two crops of one image)")

@@ -50,8 +50,8 @@ def make_shapes(num_images, image_size=64, seed=0, *, object_scale=OBJECT_SCALE,
     nothing about shape; measured in the README).
 
     `cache`: a folder where the draw is kept (see `_kept`), so that later calls, in other
-    processes too, load it instead of drawing it again (20,000 images at 144 px: about two
-    minutes on two CPU cores, and a study draws them in every run and every evaluation).
+    processes too, load it instead of drawing it again (20,000 images at 144 px: 89 s on two
+    CPU cores, and a study draws them in every run and every evaluation).
     """
     return _generate(num_images, image_size, seed, tuple(object_scale), chunk, cache)[:3]
 
@@ -112,6 +112,7 @@ def _kept(folder, num_images, image_size, seed, object_scale, chunk):
 
 
 def _draw(num_images, image_size, seed, object_scale, chunk):
+    """_generate's draw, in chunks of `chunk` images from one generator seeded with `seed`."""
     g = torch.Generator().manual_seed(seed)
     drawn = []
     for start in range(0, num_images, chunk):
