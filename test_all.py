@@ -1071,7 +1071,7 @@ def test_the_shapes_cache_keeps_one_draw_that_later_calls_and_other_runs_load(tm
     (tmp_path / "a-file").write_text("")                          # a folder that cannot be made: drawn, warned
     assert torch.equal(shapes._kept(str(tmp_path / "a-file" / "cache"), *key)[0], drawn[0]) and len(draws) == 3
     assert "cannot keep shapes in" in capsys.readouterr().err
-    # train.py's flag reaches every draw of a run and its evaluation, and is not part of the experiment
+    # train.py's flag reaches pre-training's draw, and is not part of the experiment
     raw = data.pretrain_dataset("shapes", image_size=24, augment="batched", shapes_size=(40, 8),
                                 object_scale=(0.1, 0.2), shapes_cache=cache)
     assert torch.equal(raw[5][1], shapes.make_shapes(40, 24, seed=shapes.SHAPES_SEEDS["train"],
