@@ -89,6 +89,10 @@ def parse_args(argv=None, prog="train.py"):
            "--strategy hp with masking (the paper), else off. '--masking none --high-pass on' is "
            "the filter-only control: the plain framework on high-passed views")
     a("--grid", type=int, default=7, help="patch grid g x g (paper: 7)")
+    a("--fg-std-factor", type=float, default=0.6, metavar="F",
+      help="foreground rule: a patch is foreground when its saliency score is at least mean - F x std of its "
+           "image's scores (paper: 0.6, which marks about 70 %% of the patches; 0 about half, -0.5 about a "
+           "third: a sharper foreground). Not for --saliency gt, whose foreground is the patches the object covers")
     a("--mask-ratio", type=float, nargs=2, default=[0.05, 0.25], metavar=("LO", "HI"),
       help="query mask ratio r ~ U(LO, HI) (paper: 0.05 0.25)")
     a("--hard-negative-ratio", type=float, nargs=2, default=[0.4, 0.7], metavar=("LO", "HI"),
@@ -227,6 +231,8 @@ def check_args(p, args):
                 f"{'split' if args.dataset == 'imagefolder' else 'batched'} (or torchvision, the reference)")
     if args.warmup_epochs > args.epochs:
         p.error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
+    if not math.isfinite(args.fg_std_factor):
+        p.error(f"--fg-std-factor {args.fg_std_factor}: need a finite number (the paper's is 0.6)")
     lo, hi = args.shapes_object_scale
     if not 0 < lo <= hi <= 0.5:
         p.error(f"--shapes-object-scale {lo} {hi}: need 0 < LO <= HI <= 0.5 (a radius of half the side fills it)")

@@ -412,11 +412,12 @@ def main(argv=None):
     except data.DataError as error:                                   # an unreadable image, maybe in a worker
         runs.fail(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1])
     if dataset == "shapes" and train_args.dataset == "shapes":
-        sources = {"spectral": saliency.Saliency("spectral", train_args.grid),
+        rule = {"std_factor": getattr(train_args, "fg_std_factor", 0.6)}   # the run's foreground rule (0.6 before the flag)
+        sources = {"spectral": saliency.Saliency("spectral", train_args.grid, **rule),
                    "gt": saliency.Saliency("gt", train_args.grid)}
         side = models.feature_map_size(train_args.image_size, cifar_stem=train_args.stem == "cifar")
         if side >= 2:
-            sources["self"] = saliency.Saliency("self", train_args.grid)
+            sources["self"] = saliency.Saliency("self", train_args.grid, **rule)
         else:
             results["self_saliency"] = (f"not measured: the encoder's last feature map is {side}x{side} "
                                         f"at {train_args.image_size} px with the {train_args.stem} stem")
@@ -424,8 +425,8 @@ def main(argv=None):
             results["pretrained_saliency"] = "not measured: pass --saliency-weights PATH (a torchvision ResNet state_dict)"
         else:
             try:
-                sources["pretrained"] = saliency.Saliency("pretrained", train_args.grid,
-                                                          weights=args.saliency_weights).to(device)
+                sources["pretrained"] = saliency.Saliency("pretrained", train_args.grid, weights=args.saliency_weights,
+                                                          **rule).to(device)
             except RuntimeError as error:
                 results["pretrained_saliency"] = f"not measured: {error}"
         results["saliency_quality"] = saliency_quality(sources, loader(test_set), device, train_args.grid,

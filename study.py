@@ -24,7 +24,9 @@ if __name__ == "__main__":                # Ctrl-C while torch is imported: stop
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 import argparse
 import concurrent.futures
+import functools
 import hashlib
+import itertools
 import json
 import os
 import statistics
@@ -91,7 +93,7 @@ def resolve(row, seed, train_args):
 
 # Flags added after runs were recorded, with the value those runs had: a run that does not
 # name one, or names it at that value, is the same experiment (and keeps its run folder).
-LATER_FLAGS = {"shapes_object_scale": [0.25, 0.45], "shapes_twins": False}
+LATER_FLAGS = {"shapes_object_scale": [0.25, 0.45], "shapes_twins": False, "fg_std_factor": 0.6}
 
 
 def identity(args, *, with_seed=True):
@@ -267,37 +269,51 @@ def _by_source(gains):
     return {name: {scale: pair[name] for scale, pair in gains.items() if pair[name]} for name in ("spectral", "gt")}
 
 
+@functools.lru_cache(maxsize=2)
+def _shapes_views(num_images, image_size, seed, object_scale, crop_scale):
+    """`shapes` training views and their object masks, as train.py draws them (cached: a
+    sweep measures many masks on the same views)."""
+    torch.manual_seed(seed)
+    images, object_masks, _ = shapes.make_shapes(num_images, image_size, seed=seed + 1, object_scale=object_scale)
+    return data.BatchedMoCoV2(image_size, crop_scale)(images, object_masks)
+
+
 @torch.no_grad()
 def mechanism(num_images=5000, image_size=32, grid=7, seed=0, *, object_scale=shapes.OBJECT_SCALE,
-              crop_scale=tuple(config.SHAPES["crop_scale"]), saliency_weights=None):
+              crop_scale=tuple(config.SHAPES["crop_scale"]), saliency_weights=None, strategy="hp",
+              mask_ratio=masking.POSITIVE_RATIO, std_factor=0.6):
     """The paper's argument, measured without training: the share of the object that a
     query's mask hides, for uniform random masking and for balanced masking with spectral,
     true (gt) and, with `saliency_weights`, SCDA foreground. Views are `shapes` training
     views at `object_scale` (the batched MoCo v2 augmentation, crops of `crop_scale` of the
     image: 0.85-1 is the `shapes` default; MoCo v2's 0.2-1 zooms in on part of it); masks
-    are the `hp` fill's query masks as train.py draws them (r ~ U(0.05, 0.25), the 0.55 cap,
-    channel-wise masks, the focal masks that keep only a square), so a share is of the
-    object's pixel values (a pixel hidden in one channel of three counts a third).
-    Returns ({masking: {"median", "p90", "p99", "over_half"}}, {source: {"iou", "precision"}}),
-    shares and quality in %."""
-    torch.manual_seed(seed)
-    images, object_masks, _ = shapes.make_shapes(num_images, image_size, seed=seed + 1, object_scale=object_scale)
-    views, object_masks = data.BatchedMoCoV2(image_size, crop_scale)(images, object_masks)
-    sources = {"spectral saliency": saliency.Saliency("spectral", grid),
+    are the query masks of `strategy` as train.py draws them on a `grid` (r ~ U(`mask_ratio`);
+    for `hp` the 0.55 cap, channel-wise masks and the focal masks that keep only a square), so
+    a share is of the object's pixel values (a pixel hidden in one channel of three counts a
+    third). Spectral and SCDA foreground follow the rule mean - `std_factor` std (the paper's
+    0.6); the true foreground is the patches the object covers by half. Every masking draws
+    the same random numbers, so two calls that differ in `std_factor` alone give random
+    masking's figures twice, equal.
+    Returns ({masking: {"median", "p90", "p99", "over_half"}}, {source: {"foreground",
+    "iou", "precision"}}), shares, foreground shares and quality in %."""
+    views, object_masks = _shapes_views(num_images, image_size, seed, tuple(object_scale), tuple(crop_scale))
+    sources = {"spectral saliency": saliency.Saliency("spectral", grid, std_factor=std_factor),
                "true foreground (gt)": saliency.Saliency("gt", grid)}
     if saliency_weights:
-        sources["SCDA, supervised network"] = saliency.Saliency("pretrained", grid, weights=saliency_weights)
+        sources["SCDA, supervised network"] = saliency.Saliency("pretrained", grid, weights=saliency_weights,
+                                                                std_factor=std_factor)
     truth = saliency.gt_foreground_patches(object_masks, grid)
     foregrounds, quality = {"random": None}, {}
     for name, source in sources.items():
         fg = torch.cat([source(views[i:i + 500], masks=object_masks[i:i + 500]) for i in range(0, num_images, 500)])
         foregrounds[f"balanced, {name}"] = fg
         overlap = (fg & truth).sum(1).float()
-        quality[name] = {"iou": round(100 * float((overlap / (fg | truth).sum(1).clamp(min=1)).mean()), 1),
+        quality[name] = {"foreground": round(100 * float(fg.float().mean()), 1),
+                         "iou": round(100 * float((overlap / (fg | truth).sum(1).clamp(min=1)).mean()), 1),
                          "precision": round(100 * float((overlap / fg.sum(1).clamp(min=1)).mean()), 1)}
-    masker, shares = masking.Masker("hp", grid), {}
+    masker, shares = masking.Masker(strategy, grid, positive_ratio=tuple(mask_ratio)), {}
     for name, fg in foregrounds.items():
-        _, pixel_mask = masker(views, fg, "positive")                 # [B, 1 or 3, H, W]
+        _, pixel_mask = masker(views, fg, "positive", torch.Generator().manual_seed(seed + 2))   # [B, 1 or 3, H, W]
         hidden = (pixel_mask & object_masks[:, None]).float().mean(1).sum((1, 2))
         share = 100 * hidden / object_masks.sum((1, 2)).clamp(min=1)
         q = torch.quantile(share, torch.tensor([0.5, 0.9, 0.99]))
@@ -307,29 +323,83 @@ def mechanism(num_images=5000, image_size=32, grid=7, seed=0, *, object_scale=sh
 
 
 MECHANISM_FLAGS = ("--image-size", "--crop-scale", "--shapes-object-scale")
+SWEEP_FLAGS = ("--grid", "--strategy", "--mask-ratio", "--fg-std-factor")
 
 
 def mechanism_views(train_args):
-    """The views --mechanism measures, from the train.py flags it was given (only those of
-    MECHANISM_FLAGS: the others change training, not the views): {"image_size",
-    "crop_scale", "object_scales"}, train.py's defaults for `shapes` where a flag is absent."""
-    other = [a for a in train_args if a.startswith("-") and a.split("=")[0] not in MECHANISM_FLAGS]
+    """What --mechanism measures, from the train.py flags it was given: the views (only the
+    flags of MECHANISM_FLAGS: the others change training, not the views) {"image_size",
+    "crop_scale", "object_scales"}, train.py's defaults for `shapes` where a flag is absent;
+    and the masks, each flag of SWEEP_FLAGS with one value or several (--mask-ratio: LO HI
+    pairs) {"grids", "strategies", "mask_ratios", "std_factors"}, train.py's default where absent."""
+    parser = runs.OneLineParser(prog="study.py --mechanism", add_help=False)
+    parser.add_argument("--grid", type=int, nargs="+", default=[7])
+    parser.add_argument("--strategy", choices=masking.STRATEGIES, nargs="+", default=["hp"])
+    parser.add_argument("--mask-ratio", type=float, nargs="+", default=list(masking.POSITIVE_RATIO))
+    parser.add_argument("--fg-std-factor", type=float, nargs="+", default=[0.6])
+    sweep, view_args = parser.parse_known_args(train_args)
+    other = [a for a in view_args if a.startswith("-") and a.split("=")[0] not in MECHANISM_FLAGS]
     if other:
-        runs.fail(f"{other[0]}: --mechanism measures views and reads only {', '.join(MECHANISM_FLAGS)}; "
-                  f"drop the other train.py flags")
-    flags = config.parse_args(["--device", "cpu", "--out", os.devnull, *train_args])
-    given = any(a.split("=")[0] == "--shapes-object-scale" for a in train_args)
+        runs.fail(f"{other[0]}: --mechanism measures views and masks and reads only "
+                  f"{', '.join(MECHANISM_FLAGS + SWEEP_FLAGS)}; drop the other train.py flags")
+    if len(sweep.mask_ratio) % 2:
+        runs.fail(f"--mask-ratio {' '.join(map(str, sweep.mask_ratio))}: give LO HI pairs, one per ratio range")
+    mask_ratios = [tuple(sweep.mask_ratio[i:i + 2]) for i in range(0, len(sweep.mask_ratio), 2)]
+    for lo, hi in mask_ratios:                           # train.py's checks, for each value of the sweep
+        for grid, factor in zip(sweep.grid, sweep.fg_std_factor + sweep.fg_std_factor[-1:] * len(sweep.grid)):
+            config.parse_args(["--device", "cpu", "--out", os.devnull, "--mask-ratio", str(lo), str(hi),
+                               "--grid", str(grid), "--fg-std-factor", str(factor), *view_args], prog="study.py")
+    flags = config.parse_args(["--device", "cpu", "--out", os.devnull, *view_args], prog="study.py")
+    given = any(a.split("=")[0] == "--shapes-object-scale" for a in view_args)
     return {"image_size": flags.image_size, "crop_scale": tuple(flags.crop_scale),
-            "object_scales": [tuple(flags.shapes_object_scale)] if given else list(MECHANISM_SCALES)}
+            "object_scales": [tuple(flags.shapes_object_scale)] if given else list(MECHANISM_SCALES),
+            "grids": sweep.grid, "strategies": sweep.strategy, "mask_ratios": mask_ratios,
+            "std_factors": sweep.fg_std_factor}
 
 
 def mechanism_table(shares, quality):
-    lines = ["| query mask (hp) | share of the object hidden: median | 90th percentile | 99th percentile | "
+    lines = ["| query mask | share of the object hidden: median | 90th percentile | 99th percentile | "
              "views with over half hidden |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {s['median']} % | {s['p90']} % | {s['p99']} % | {s['over_half']} % |"
               for name, s in shares.items()]
-    lines += ["", "| foreground source | patch IoU with gt | precision |", "|---|---|---|"]
-    lines += [f"| {name} | {q['iou']} % | {q['precision']} % |" for name, q in quality.items()]
+    lines += ["", "| foreground source | foreground share | patch IoU with gt | precision |", "|---|---|---|---|"]
+    lines += [f"| {name} | {q.get('foreground', '-')} % | {q['iou']} % | {q['precision']} % |"
+              for name, q in quality.items()]
+    return "\n".join(lines)
+
+
+def sweep_tables(settings):
+    """Markdown for a sweep's `settings` (main's records: one per grid, fill, mask ratio and
+    foreground rule): the tail (views with over half of the object hidden) by fill, grid and
+    ratio at the first rule; then, per grid, each source under each rule: its foreground
+    share, patch IoU and precision against gt, and its tail at each fill and ratio."""
+    first = settings[0]["std_factor"]
+    names = list(settings[0]["shares"])
+    short = lambda name: name.replace("balanced, ", "").replace("true foreground (gt)", "gt")
+    lines = [f"Views with over half of the object hidden (foreground rule mean - {first} std):", "",
+             "| fill, grid | mask ratio | " + " | ".join(map(short, names)) + " |",
+             "|---|---|" + "---|" * len(names)]
+    lines += [f"| {s['strategy']}, {s['grid']} | {s['mask_ratio'][0]}-{s['mask_ratio'][1]} | "
+              + " | ".join(f"{s['shares'][n]['over_half']} %" for n in names) + " |"
+              for s in settings if s["std_factor"] == first]
+    for grid in dict.fromkeys(s["grid"] for s in settings):
+        at = [s for s in settings if s["grid"] == grid]
+        masks = list(dict.fromkeys((s["strategy"], tuple(s["mask_ratio"])) for s in at))
+        lines += ["", f"Grid {grid}: the foreground rule mean - F std, and the tail it leaves:", "",
+                  "| source | F | foreground | patch IoU with gt | precision | "
+                  + " | ".join(f"over half, {fill} {lo}-{hi}" for fill, (lo, hi) in masks) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(masks)]
+        tail = {(s["strategy"], tuple(s["mask_ratio"]), s["std_factor"]): s["shares"] for s in at}
+        factors = list(dict.fromkeys(s["std_factor"] for s in at))
+        rows = [("random", first)] + [(name, factor) for name in at[0]["quality"]
+                                      for factor in (factors if "gt" not in name else [first])]
+        for name, factor in rows:
+            q = next(s for s in at if s["std_factor"] == factor)["quality"].get(name)
+            key = "random" if name == "random" else f"balanced, {name}"
+            lines.append(f"| {short(name)} | {factor if q and 'gt' not in name else '-'} | "
+                         + (f"{q['foreground']} % | {q['iou']} % | {q['precision']} %" if q else "- | - | -") + " | "
+                         + " | ".join(f"{tail[(fill, ratio, factor)][key]['over_half']} %" for fill, ratio in masks)
+                         + " |")
     return "\n".join(lines)
 
 
@@ -381,12 +451,18 @@ def main(argv=None):
         runs.fail(f"--mechanism-json {args.mechanism_json}: cannot write there; pick another path")
     if args.mechanism:
         views = mechanism_views(args.train_args)
+        sweep = [views.pop(name) for name in ("grids", "strategies", "mask_ratios", "std_factors")]
         measured = []
         for scale in views.pop("object_scales"):
             print(f"\nobjects of radius {scale[0]}-{scale[1]} of the side{' (the default)' * (scale == shapes.OBJECT_SCALE)}:")
-            shares, quality = mechanism(object_scale=scale, saliency_weights=args.saliency_weights, **views)
-            print(mechanism_table(shares, quality), flush=True)
-            measured.append({"object_scale": list(scale), "shares": shares, "quality": quality})
+            at_scale = []
+            for grid, strategy, ratio, factor in itertools.product(*sweep):
+                shares, quality = mechanism(object_scale=scale, saliency_weights=args.saliency_weights, grid=grid,
+                                            strategy=strategy, mask_ratio=ratio, std_factor=factor, **views)
+                at_scale.append({"object_scale": list(scale), "grid": grid, "strategy": strategy,
+                                 "mask_ratio": list(ratio), "std_factor": factor, "shares": shares, "quality": quality})
+            print(mechanism_table(shares, quality) if len(at_scale) == 1 else sweep_tables(at_scale), flush=True)
+            measured += at_scale
         runs.write_json(args.mechanism_json, {"commit": runs.code_commit(), "saliency_weights": args.saliency_weights,
                                               **views, "scales": measured})
         return measured

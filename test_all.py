@@ -5,6 +5,8 @@ on a 2-core CPU (the README's "Fresh machine" names the time measured), most of 
 end-to-end runs in their own processes: signals, torchrun, a checkpoint that has to learn.
 """
 import argparse
+import functools
+import itertools
 import json
 import math
 import os
@@ -2511,17 +2513,20 @@ def test_the_mechanism_measures_the_views_of_the_train_flags_it_is_given(tmp_pat
     """--mechanism measured 32 px views with crops of 85-100 % whatever --image-size and
     --crop-scale said, and took other train.py flags without a word."""
     views = study.mechanism_views(["--image-size", "56", "--crop-scale", "0.2", "1"])
-    assert views == {"image_size": 56, "crop_scale": (0.2, 1.0), "object_scales": list(study.MECHANISM_SCALES)}
+    assert views == {"image_size": 56, "crop_scale": (0.2, 1.0), "object_scales": list(study.MECHANISM_SCALES),
+                     "grids": [7], "strategies": ["hp"], "mask_ratios": [(0.05, 0.25)], "std_factors": [0.6]}
     assert study.mechanism_views(["--shapes-object-scale", "0.15", "0.25"])["object_scales"] == [(0.15, 0.25)]
     with pytest.raises(SystemExit) as stop:
         study.main(["--mechanism", "--masking", "random"])
     err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and "--masking: --mechanism measures views and reads only" in err and "\n" not in err
+    assert stop.value.code == 2 and "--masking: --mechanism measures views and masks and reads only" in err \
+        and "\n" not in err
     calls = []
     monkeypatch.setattr(study, "mechanism", lambda **kwargs: calls.append(kwargs) or ({}, {}))
     study.main(["--mechanism", "--mechanism-json", str(tmp_path / "m.json"), "--image-size", "56", "--crop-scale",
                 "0.2", "1", "--shapes-object-scale", "0.15", "0.25"])
-    assert calls == [{"object_scale": (0.15, 0.25), "saliency_weights": None, "image_size": 56, "crop_scale": (0.2, 1.0)}]
+    assert calls == [{"object_scale": (0.15, 0.25), "saliency_weights": None, "image_size": 56, "crop_scale": (0.2, 1.0),
+                      "grid": 7, "strategy": "hp", "mask_ratio": (0.05, 0.25), "std_factor": 0.6}]
     written = json.loads((tmp_path / "m.json").read_text())
     assert (written["image_size"], written["crop_scale"], len(written["scales"])) == (56, [0.2, 1.0], 1)
     # MoCo v2's crops cut some small objects out of a view (no foreground to find); 85-100 % never does
@@ -2529,6 +2534,61 @@ def test_the_mechanism_measures_the_views_of_the_train_flags_it_is_given(tmp_pat
     for crop, whole in (((0.85, 1.0), True), ((0.2, 1.0), False)):
         _, quality = study.mechanism(num_images=500, object_scale=(0.15, 0.25), crop_scale=crop)
         assert (quality["true foreground (gt)"]["iou"] == 100.0) == whole
+
+
+def test_the_mechanism_sweeps_mask_ratio_grid_fill_and_the_foreground_rule(tmp_path, monkeypatch, capsys):
+    """--mechanism takes several --mask-ratio pairs, grids, fills and --fg-std-factor values in
+    one call: a table of the tail by setting, and one per grid of each source under each rule.
+    What the numbers must show: balancing with the true foreground halves random masking's tail
+    at ratios of 0.25-0.5 and reverses it at 0.5-0.75; a sharper rule marks less foreground;
+    the rule never changes random masking's draws."""
+    measure = functools.partial(study.mechanism, num_images=600)
+    at = {(ratio, factor): measure(strategy="blur", mask_ratio=ratio, std_factor=factor)
+          for ratio in ((0.25, 0.5), (0.5, 0.75)) for factor in (0.6, -0.5)}
+    random, gt = "random", "balanced, true foreground (gt)"
+    active, reverse = at[(0.25, 0.5), 0.6][0], at[(0.5, 0.75), 0.6][0]
+    assert active[gt]["over_half"] < 0.7 * active[random]["over_half"]
+    assert reverse[gt]["over_half"] > reverse[random]["over_half"]
+    assert at[(0.25, 0.5), -0.5][0][random] == active[random]            # the same draws under either rule
+    sharp, paper = at[(0.25, 0.5), -0.5][1]["spectral saliency"], at[(0.25, 0.5), 0.6][1]["spectral saliency"]
+    assert sharp["foreground"] < 0.5 * paper["foreground"] and sharp["precision"] > paper["precision"]
+    assert at[(0.25, 0.5), 0.6][1]["true foreground (gt)"]["precision"] == 100.0
+    monkeypatch.setattr(study, "mechanism", functools.partial(measure, num_images=300))
+    study.main(["--mechanism", "--mechanism-json", str(tmp_path / "m.json"), "--shapes-object-scale", "0.25", "0.45",
+                "--mask-ratio", "0.05", "0.25", "0.25", "0.5", "--grid", "7", "3", "--strategy", "hp", "blur",
+                "--fg-std-factor", "0.6", "0"])
+    out = capsys.readouterr().out
+    written = json.loads((tmp_path / "m.json").read_text())["scales"]
+    assert len(written) == 16 and {(s["grid"], s["strategy"], tuple(s["mask_ratio"]), s["std_factor"])
+                                   for s in written} == set(itertools.product((7, 3), ("hp", "blur"),
+                                                                              ((0.05, 0.25), (0.25, 0.5)), (0.6, 0)))
+    assert "| blur, 3 | 0.25-0.5 |" in out and "Grid 3: the foreground rule" in out
+    assert out.count("| spectral saliency | 0.0 |") == 2 and out.count("| gt | - |") == 2
+    for bad, message in ((["--mask-ratio", "0.1", "0.2", "0.3"], "give LO HI pairs"),
+                         (["--mask-ratio", "0.5", "0.2"], "--mask-ratio 0.5 0.2: need 0 <= LO <= HI <= 1"),
+                         (["--fg-std-factor", "nan"], "need a finite number")):
+        with pytest.raises(SystemExit) as stop:
+            study.main(["--mechanism", "--mechanism-json", str(tmp_path / "m.json"), *bad])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and message in err and "\n" not in err
+
+
+def test_the_foreground_rule_is_a_flag_that_reaches_training_and_keeps_old_runs_the_same(tmp_path):
+    """--fg-std-factor F: patch foreground iff score >= mean - F std. train.py's saliency uses
+    it; a recorded run from before the flag is the experiment at the paper's 0.6."""
+    args = config.parse_args(["--fg-std-factor", "-0.5", "--out", str(tmp_path / "r"), "--device", "cpu",
+                              "--batch-size", "16", "--queue-size", "64"])
+    parts = train.build(args, steps_per_epoch=1)
+    scores = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])   # mean 4, std 2.58
+    map_ = scores.view(1, 3, 3).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    assert parts.sal.std_factor == -0.5 and parts.sal.grid == 7
+    assert saliency.foreground_patches(scores, -0.5).tolist() == [[False] * 6 + [True] * 3]   # >= 5.29
+    assert saliency.foreground_patches(scores, 0.6).tolist() == [[False] * 3 + [True] * 6]    # >= 2.45
+    assert saliency.Saliency("spectral", 3, std_factor=-0.5).from_map(map_).tolist() == [[False] * 6 + [True] * 3]
+    before = study.resolve(4, 0, [])
+    del before["fg_std_factor"]
+    assert study.identity(before) == study.identity(study.resolve(4, 0, [])) != \
+        study.identity(study.resolve(4, 0, ["--fg-std-factor", "0"]))
 
 
 # ============================================================================ several processes (torchrun)

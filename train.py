@@ -117,7 +117,8 @@ def build(args, steps_per_epoch):
         autocast=lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
         augment=None if args.augment == "torchvision" else data.BatchedMoCoV2(
             args.image_size, tuple(args.crop_scale), geometry=args.augment == "batched"),
-        sal=saliency.Saliency(args.saliency, args.grid, weights=args.saliency_weights).to(device),
+        sal=saliency.Saliency(args.saliency, args.grid, weights=args.saliency_weights,
+                              std_factor=args.fg_std_factor).to(device),
         masker=masking.Masker(args.strategy, args.grid, high_pass=args.high_pass == "on",
                               positive_ratio=tuple(args.mask_ratio),
                               negative_ratio=tuple(args.hard_negative_ratio)))
