@@ -41,9 +41,26 @@ class DataError(Exception):
 
 # ----------------------------------------------------------------------------- datasets on disk
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that rebuilds what CIFAR's python batches hold (dicts, lists, strings,
+    bytes, numbers, numpy arrays and scalars) and refuses every other global: a plain
+    `pickle.load` runs whatever callable a file names, so a doctored batch would run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}   # encode: bytes in protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
+            if module.startswith("numpy.core.") and hasattr(np, "_core"):   # numpy 2 moved it (no warning)
+                module = module.replace("numpy.core.", "numpy._core.", 1)
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not data")
+
+
 def _unpickle(path):
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+        return _ArraysOnly(f, encoding="latin1").load()
 
 
 def load_cifar(data_dir, name, train, download=False):
@@ -65,6 +82,10 @@ def load_cifar(data_dir, name, train, download=False):
         batches = [_unpickle(p) for p in paths]
         images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
         labels = np.concatenate([b[key] for b in batches])
+    except pickle.UnpicklingError as error:
+        raise DataError(f"--dataset {name}: {os.path.join(data_dir, folder)} holds a file that names code to run "
+                        f"when read ({error}), so it is not read: CIFAR's batches hold arrays only; delete that "
+                        f"folder and run again with --download") from None
     except Exception as error:
         raise DataError(f"--dataset {name}: cannot read the files in {os.path.join(data_dir, folder)} "
                         f"({type(error).__name__}): they are damaged; delete that folder and run again "

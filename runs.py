@@ -16,6 +16,7 @@ import inspect
 import json
 import multiprocessing.util
 import os
+import pickle
 import random
 import signal
 import socket
@@ -113,6 +114,14 @@ def code_commit():
 
 # ----------------------------------------------------------------------------- checkpoints
 
+# Checkpoints are read with weights_only=True: tensors, numbers, strings, containers, and these
+# numpy globals, which rebuild an array's data and nothing else (checkpoints written before
+# numpy's random state was saved as a tensor hold it as an array). Nothing a file names runs.
+NUMPY_ARRAYS = [getattr(np, "_core", None) and np._core.multiarray._reconstruct, np.ndarray, np.dtype,
+                type(np.dtype(np.uint32))]
+NUMPY_ARRAYS = [g for g in NUMPY_ARRAYS if g is not None]
+
+
 class CheckpointError(Exception):
     """A checkpoint that is missing or unreadable; the message names the fix."""
 
@@ -124,7 +133,14 @@ def read_checkpoint(path, flag="--checkpoint", *, mmap=False, needs=("framework"
     if not os.path.isfile(path):
         raise CheckpointError(f"{flag} {path}: no such file; pass the last.pt that train.py wrote")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(NUMPY_ARRAYS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:                           # weights_only met a global: never run it
+        if "GLOBAL" not in str(error):                                # junk bytes, not a named callable
+            raise CheckpointError(f"{flag} {path}: unreadable (UnpicklingError); it may be truncated: "
+                                  f"use another checkpoint") from None
+        raise CheckpointError(f"{flag} {path}: names code to run when loaded (a pickled object, not tensors and "
+                              f"plain values), so it is not read: use a checkpoint that train.py wrote") from None
     except Exception as error:
         raise CheckpointError(f"{flag} {path}: unreadable ({type(error).__name__}); it may be truncated: "
                               f"use another checkpoint") from None
@@ -164,7 +180,12 @@ def save_checkpoint(path, state):
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random stream, as what `torch.load(weights_only=True)` reads: tensors, numbers,
+    tuples (numpy's Mersenne Twister keys as a tensor, not an array)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                       "has_gauss": has_gauss, "cached_gaussian": gauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -172,7 +193,11 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        saved = (saved["name"], saved["keys"].numpy().astype(np.uint32), saved["position"], saved["has_gauss"],
+                 saved["cached_gaussian"])
+    np.random.set_state(saved)                                        # a tuple: a checkpoint from before
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -1546,7 +1546,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     with pytest.raises(SystemExit) as stop:
         run_train(tmp_path, "--epochs", "3")
     assert stop.value.code == 1 and "at step 6" in capsys.readouterr().err
-    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert checkpoint["step"] == 4                                       # the end of epoch 1, intact
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
 
@@ -1570,7 +1570,7 @@ def test_non_finite_weights_are_never_saved_nor_evaluated(tmp_path, monkeypatch,
     assert not (tmp_path / "run" / "last.pt").exists()
     monkeypatch.undo()
     run_train(tmp_path, "--epochs", "1", "--max-steps", "1", out="good")
-    checkpoint = torch.load(tmp_path / "good" / "last.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "good" / "last.pt", weights_only=True)
     next(iter(checkpoint["model"].values())).fill_(float("nan"))
     torch.save(checkpoint, tmp_path / "bad.pt")
     capsys.readouterr()
@@ -1783,7 +1783,7 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         evaluate.main(["--checkpoint", str(tmp_path / "run" / "bare.pt")])
     assert stop.value.code == 2 and "its 'args' lack --framework" in capsys.readouterr().err
-    weights_only = torch.load(checkpoint, weights_only=False)
+    weights_only = torch.load(checkpoint, weights_only=True)
     torch.save({"args": weights_only["args"], "model": weights_only["model"]}, tmp_path / "run" / "weights.pt")
     cases = [(["--resume", str(tmp_path / "run" / "bare.pt")], "its 'args' lack --framework"),
              (["--resume", str(tmp_path / "run" / "weights.pt")], "has no 'optimizer' to continue from"),
@@ -1819,7 +1819,50 @@ def test_resume_refuses_flags_that_change_the_run(one_step_run, tmp_path, capsys
         run_train(tmp_path, "--epochs", "2", "--resume", "auto", *extra)
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and message in err and "\n" not in err
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 1    # untouched
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 1    # untouched
+
+
+class RunsCode:
+    """A pickled payload: whatever loads it with a plain pickle makes the folder `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_no_loaded_file_runs_code(one_step_run, tmp_path, capsys):
+    """Researchers share checkpoints and datasets: a payload in one (here riding in a real
+    last.pt, and in a CIFAR batch) is refused in one line by every reader, and never runs."""
+    marker = tmp_path / "the-payload-ran"
+    shutil.copytree(one_step_run, tmp_path / "run")
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)    # what train.py writes reads so
+    assert isinstance(checkpoint["rng"]["numpy"]["keys"], torch.Tensor)
+    state = np.random.get_state()                                     # runs saved before: numpy's state as an array
+    torch.save({**checkpoint, "rng": {**checkpoint["rng"], "numpy": state}}, tmp_path / "older.pt")
+    np.random.seed(1)
+    runs.set_rng_state(runs.read_checkpoint(str(tmp_path / "older.pt"))["rng"])
+    assert np.random.get_state()[2] == state[2] and (np.random.get_state()[1] == state[1]).all()
+    torch.save({**checkpoint, "note": RunsCode(marker)}, tmp_path / "run" / "last.pt")
+    calls = [lambda: evaluate.main(["--checkpoint", str(tmp_path / "run" / "last.pt")]),
+             lambda: run_train(tmp_path, "--epochs", "2", "--resume", str(tmp_path / "run" / "last.pt")),
+             lambda: run_train(tmp_path, "--epochs", "2", "--resume", "auto")]
+    for call in calls:
+        with pytest.raises(SystemExit) as stop:
+            call()
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and "names code to run when loaded" in err and "\n" not in err
+    written, _ = write_cifar(tmp_path / "cifar", "cifar10")
+    with open(tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({**written["data_batch_2"], "note": RunsCode(marker)}, f)
+    with pytest.raises(SystemExit) as stop:
+        run_train(tmp_path, "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), out="cifar")
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "names code to run when read (posix.mkdir is not data)" in err and "\n" not in err
+    assert not marker.exists()
+    assert torch.equal(data.load_cifar(str(tmp_path / "cifar"), "cifar10", train=False)[0][0].flatten(),
+                       torch.from_numpy(written["test_batch"]["data"][0]))   # a clean batch still reads
 
 
 def test_the_progress_line_shows_only_the_shares_a_run_measures(tmp_path, capsys):
@@ -1870,13 +1913,13 @@ def test_a_resumed_run_reports_the_minutes_of_the_whole_run(tmp_path):
     that was stopped and resumed; they counted the last stretch alone."""
     run_train(tmp_path, "--epochs", "1", "--max-steps", "2")
     last = tmp_path / "run" / "last.pt"
-    checkpoint = torch.load(last, weights_only=False)
+    checkpoint = torch.load(last, weights_only=True)
     assert 0 < checkpoint["minutes"] < 5
     torch.save({**checkpoint, "minutes": 60.0}, last)                 # as if the first stretch had trained an hour
     run_train(tmp_path, "--epochs", "1", "--resume", "auto")
     final = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r.get("final")][-1]
     assert final["step"] == 4 and 60 < final["minutes"] < 65
-    assert torch.load(last, weights_only=False)["minutes"] > 60
+    assert torch.load(last, weights_only=True)["minutes"] > 60
 
 
 def test_resume_auto_starts_fresh_then_continues_and_drops_the_records_of_lost_steps(tmp_path):
@@ -1969,7 +2012,7 @@ def test_a_signal_inside_an_epoch_saves_its_position_and_resume_auto_repeats_not
     err = process.stderr.read().strip().splitlines()
     assert process.wait() == 128 + signum and "Traceback" not in "".join(err)
     assert "--resume auto" in err[-1] and len(err) == 2                # the notice, then one line: how to resume
-    checkpoint = torch.load(out / "last.pt", weights_only=False)
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert 3 <= checkpoint["step"] < EPOCH_STEPS and checkpoint["epoch"] == 0   # inside epoch 1
     assert not (out / "last.pt.tmp").exists() and not (out / "train.lock").exists()
     resumed = train_process(out, "--resume", "auto")
@@ -2140,7 +2183,7 @@ def test_export_loads_into_a_fresh_torchvision_resnet_with_the_same_features(tra
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(torch.load(tmp_path / "backbone.pth"), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
-    checkpoint = torch.load(trained_checkpoint, weights_only=False)
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
     model = models.build_model(argparse.Namespace(**checkpoint["args"]))
     model.load_state_dict(checkpoint["model"])
     net.fc = nn.Identity()
@@ -2162,7 +2205,7 @@ def test_export_writes_the_preprocessing_its_encoder_needs(trained_checkpoint, t
     images = torch.rand(4, 3, 32, 32)
     normalized = torchvision.transforms.functional.normalize(images, **facts["normalize"])
     inputs = normalized - torchvision.transforms.functional.gaussian_blur(normalized, hp["kernel_size"], hp["sigma"])
-    checkpoint = torch.load(trained_checkpoint, weights_only=False)
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
     model = models.build_model(argparse.Namespace(**checkpoint["args"]))
     model.load_state_dict(checkpoint["model"])
     masker = masking.Masker("hp", high_pass=True)
@@ -2173,7 +2216,7 @@ def test_export_writes_the_preprocessing_its_encoder_needs(trained_checkpoint, t
 
 def test_export_in_moco_and_detectron2_layouts(trained_checkpoint, tmp_path):
     state = evaluate.backbone_state(models.build_model(argparse.Namespace(
-        **torch.load(trained_checkpoint, weights_only=False)["args"])))
+        **torch.load(trained_checkpoint, weights_only=True)["args"])))
     evaluate.main(["--checkpoint", str(trained_checkpoint), "--export", str(tmp_path / "moco.pth"),
                    "--export-layout", "moco"])
     moco = torch.load(tmp_path / "moco.pth")["state_dict"]            # what main_lincls.py --pretrained reads
@@ -2688,7 +2731,7 @@ def test_sigterm_to_torchrun_then_the_same_line_with_resume_auto_repeats_nothing
     job.send_signal(signal.SIGTERM)                                   # a cluster's preemption
     err = job.stderr.read()
     assert job.wait() != 0 and "--resume auto to continue" in err
-    checkpoint = torch.load(out / "last.pt", weights_only=False)
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert 3 <= checkpoint["step"] < EPOCH_STEPS and len(checkpoint["rng_per_process"]) == 2
     shutil.copytree(out, tmp_path / "copy")
     assert torchrun(out, "--resume", "auto").wait() == 0
@@ -2752,7 +2795,7 @@ def test_train_py_on_two_processes_ends_with_the_weights_of_one_process(tmp_path
     for job in jobs:
         _, err = job.communicate(timeout=300)
         assert job.returncode == 0, err[-2000:]
-    one, two = (torch.load(tmp_path / out / "last.pt", weights_only=False) for out in ("one", "two"))
+    one, two = (torch.load(tmp_path / out / "last.pt", weights_only=True) for out in ("one", "two"))
     assert one["step"] == two["step"] == 3 and two["args"]["bn_splits"] == 4
     assert losses_of(tmp_path / "one").keys() == losses_of(tmp_path / "two").keys() == {1, 2, 3}
     for name, weight in one["model"].items():                        # the head's BatchNorm statistics too
