@@ -215,8 +215,16 @@ def step_setup(args, setting):
 
 
 def batches(loader):
+    """The loader's batches, epoch after epoch; an epoch with no batch (fewer images than one,
+    with drop_last) is an error, not an endless loop."""
     while True:
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise data.DataError(f"{len(loader.dataset)} images make no batch of {loader.batch_size}: use a smaller "
+                                 f"--batch-size or more images")
 
 
 def profile_parts(args, device):
@@ -405,8 +413,9 @@ def bench_recipe(args, device):
                 "--saliency", "pretrained", "--saliency-weights", weights,
                 "--compile", args.compile, "--out", os.path.join(workdir, "run"),
                 *(["--workers", str(args.workers)] if args.workers is not None else []),
+                *(["--bn-splits", str(args.bn_splits)] if args.bn_splits is not None else []),
                 *(["--channels-last"] if args.channels_last else [])]
-        flags = config.parse_args(argv)
+        flags = config.parse_args(argv, prog="bench.py")
         flags.epochs, flags.warmup_epochs = 1, 0.0
         datasets = {augment: data.pretrain_dataset("imagefolder", folder, args.image_size, augment=augment)
                     for augment in ("torchvision", "split")}
@@ -595,7 +604,14 @@ def main(argv=None):
     if args.json and not runs.can_write(args.json):                   # before the benchmark, not after it
         runs.fail(f"--json {args.json}: cannot write there; pick another path")
     if args.recipe:
-        report = bench_recipe(args, device)
+        try:
+            report = bench_recipe(args, device)
+        except data.DataError as error:                               # a folder, a file, too few images
+            runs.fail(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1])
+        except RuntimeError as error:                                 # saliency weights: say the fix
+            if "--saliency" not in str(error):
+                raise
+            runs.fail(error)
     elif args.part == "masking":
         args.image_size = args.image_size or 224
         report = bench_masking(args, device)

@@ -19,6 +19,8 @@ import runs
 import saliency
 
 SMALL = 96          # images up to this size get the CIFAR single-GPU recipe's defaults
+MAX_IMAGE_SIZE = 1024   # views larger than this (20000 px) ran out of memory in a traceback
+MIN_RADIUS_PX = 2       # a shapes object smaller than this has no pixel of its own
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # The two recipes, for the flags left out (SPEC.md section 5). Images up to SMALL px (and
@@ -236,6 +238,10 @@ def check_args(p, args):
     lo, hi = args.shapes_object_scale
     if not 0 < lo <= hi <= 0.5:
         p.error(f"--shapes-object-scale {lo} {hi}: need 0 < LO <= HI <= 0.5 (a radius of half the side fills it)")
+    if args.dataset == "shapes" and lo * args.image_size < MIN_RADIUS_PX:   # 0.001 drew objects of no pixel
+        p.error(f"--shapes-object-scale {lo} {hi}: at --image-size {args.image_size} an object's radius would be "
+                f"{lo * args.image_size:.2g} px; need LO >= {MIN_RADIUS_PX / args.image_size:.3g} ({MIN_RADIUS_PX} px) "
+                f"or a larger --image-size")
     if args.shapes_twins and args.dataset != "shapes":
         p.error(f"--shapes-twins with --dataset {args.dataset}: only shapes draws its images twice; drop the flag")
     if args.shapes_cache and args.dataset != "shapes":
@@ -283,8 +289,9 @@ def check_args(p, args):
         p.error("--saliency gt needs true object masks, which only --dataset shapes has")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no GPU is visible; use --device cpu")
-    if args.image_size < 8 or args.grid < 1 or args.grid > args.image_size:
-        p.error(f"--image-size {args.image_size} --grid {args.grid}: need 8 <= size and 1 <= grid <= size")
+    if not 8 <= args.image_size <= MAX_IMAGE_SIZE or args.grid < 1 or args.grid > args.image_size:
+        p.error(f"--image-size {args.image_size} --grid {args.grid}: need 8 <= size <= {MAX_IMAGE_SIZE} and "
+                f"1 <= grid <= size")
     side = models.feature_map_size(args.image_size, cifar_stem=args.stem == "cifar")
     smallest = next(size for size in range(8, 1024) if models.feature_map_size(size, cifar_stem=args.stem == "cifar") >= 2)
     larger = f"--image-size {smallest} or more"

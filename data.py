@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import shutil
+import stat
 
 import numpy as np
 import torch
@@ -144,24 +145,83 @@ def unreadable(path, error):
     return DataError(f"cannot read the image {path} ({type(error).__name__}); remove or replace it")
 
 
-def read_image(path):
-    """ImageFolder's loader, with one line naming an unreadable file instead of a traceback."""
+def open_image(path):
+    """`PIL.Image.open(path)`, or one DataError for what would hang or blow up: a path that is
+    not a regular file (a FIFO named *.jpg blocks its reader forever) and a decompression bomb
+    (an image over PIL's pixel limit)."""
     from PIL import Image
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DataError(f"{path} is not a regular file (a pipe, a device?), so it is not read: remove it")
+        return Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise DataError(f"cannot read the image {path}: {str(error).split(' could be')[0]}, over PIL's limit "
+                        f"against decompression bombs; shrink it or remove it") from None
+
+
+def as_rgb(image, path):
+    """A PIL image as 8-bit RGB. 16-bit greyscale (a PNG's `I;16`, or `I` within 0-65535)
+    keeps its top 8 bits; `convert("RGB")` clips it instead (99.7 % white). Float images
+    (`F`: a TIFF) have no agreed range, so they are refused rather than read as black."""
+    if image.mode == "F":
+        raise DataError(f"cannot read the image {path}: it holds floating-point values (mode F), which have no "
+                        f"agreed range; convert it to 8-bit RGB")
+    if image.mode.startswith("I"):
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"cannot read the image {path}: its 32-bit values span {values.min():.0f} to "
+                            f"{values.max():.0f}, beyond 16 bits; convert it to 8-bit RGB")
+        from PIL import Image
+        image = Image.fromarray(np.round(values / 257).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def read_image(path):
+    """ImageFolder's loader, with one line naming an unreadable file instead of a traceback."""
+    try:
+        with open_image(path) as image:
+            return as_rgb(image, path)
     except (OSError, ValueError) as error:
         raise unreadable(path, error) from None
 
 
 def load_imagefolder(data_dir, split):
+    """ImageFolder of `data_dir/split`. The val split must have train's classes, so that a
+    label means one class in both (ImageFolder numbers each folder's classes on its own); a
+    folder that links back into itself is refused (ImageFolder follows links, forever)."""
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import find_classes
     root = os.path.join(data_dir, split)
     try:
-        return ImageFolder(root, loader=read_image)
+        refuse_link_loops(root)
+        folder = ImageFolder(root, loader=read_image)
+        if split != "train":
+            train_classes = find_classes(os.path.join(data_dir, "train"))[0]
+            if folder.classes != train_classes:
+                extra = sorted(set(folder.classes) - set(train_classes))
+                lacking = sorted(set(train_classes) - set(folder.classes))
+                raise DataError(f"--dataset imagefolder: {root} has other classes than {data_dir}/train ("
+                                f"{f'{extra[0]!r} is not in train/' if extra else f'it lacks {lacking[0]!r}'}), so "
+                                f"the labels of the two would not match: give both the same class folders")
+        return folder
     except (FileNotFoundError, OSError) as error:
         raise DataError(f"--dataset imagefolder: {root} ({error}); expected images as "
                         f"{data_dir}/train/<class>/*.jpg and {data_dir}/val/<class>/*.jpg") from None
+
+
+def refuse_link_loops(root):
+    """DataError when a folder under `root`, links followed, is one of its own ancestors."""
+    def walk(folder, above):
+        real = os.path.realpath(folder)
+        if real in above:
+            raise DataError(f"--dataset imagefolder: {folder} links back to {real}, a folder above it, so the "
+                            f"images would be listed forever: remove the link")
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():                                    # follows links, as ImageFolder does
+                    walk(entry.path, above | {real})
+    if os.path.isdir(root):
+        walk(root, frozenset())
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -491,16 +551,16 @@ class CroppedViews(PerImageDraws):
         from PIL import Image
         path, label = self.folder.samples[i]
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 width, height = image.size
                 boxes = [RandomResizedCrop.get_params(image, self.crop_scale, (3 / 4, 4 / 3)) for _ in range(2)]
                 smallest = min(min(h, w) for _, _, h, w in boxes)
                 reduce = 1
                 while reduce < 8 and smallest >= 2 * reduce * self.size:
                     reduce *= 2
-                if reduce > 1:
-                    image.draft("RGB", (-(-width // reduce), -(-height // reduce)))
-                image = image.convert("RGB")
+                if reduce > 1:                   # PIL reduces by min(W // w, H // h): ask for W // reduce
+                    image.draft("RGB", (width // reduce, height // reduce))
+                image = as_rgb(image, path)
         except (OSError, ValueError) as error:
             raise unreadable(path, error) from None
         sx, sy = image.width / width, image.height / height            # what the decoder's reduction left

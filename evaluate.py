@@ -266,9 +266,15 @@ def supervised_baseline(dataset="shapes", *, arch="resnet18", stem="imagenet", i
     if save_weights:
         state = {name.removeprefix("trunk."): tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}
         state.update({f"fc.{name}": tensor.detach().cpu() for name, tensor in classifier.state_dict().items()})
-        runs.write_atomic(save_weights, lambda f: torch.save(state, f))
     results = {"arch": arch, "stem": stem, "image_size": image_size, "epochs": epochs, "lr": lr,
                "object_scale": list(object_scale)}
+    if save_weights:
+        try:                                       # a full disk: the figures below are still measured
+            runs.write_atomic(save_weights, lambda f: torch.save(state, f))
+        except OSError as error:
+            results["save_weights_error"] = f"could not write {save_weights} ({error.strerror or error})"
+            print(f"error: {results['save_weights_error']}; the figures follow, the network is not kept",
+                  file=sys.stderr, flush=True)
     encoder.eval()
     with torch.no_grad():
         correct = sum(int((classifier(encoder(batch[0].to(device))).argmax(1).cpu() == batch[-1]).sum())
@@ -279,6 +285,30 @@ def supervised_baseline(dataset="shapes", *, arch="resnet18", stem="imagenet", i
         test_x, test_y = extract_features(net, plain(test_set), device)
         results[name] = round(knn_accuracy(train_x, train_y, test_x, test_y), 2)
     return results
+
+
+def check_output_path(flag, path, checkpoint=None, *, make_folder=False):
+    """Refuse, before any work, an output path that cannot be written or that holds what a
+    user keeps: a folder, the checkpoint being read, or any train.py checkpoint. `make_folder`:
+    a missing folder will be made (else it is refused: a typo found after an hour's training)."""
+    if not path:
+        runs.fail(f"{flag} '': give a file name, e.g. {flag} backbone.pth")
+    if os.path.isdir(path):                                           # the rename would fail after the work
+        runs.fail(f"{flag} {path}: is a folder; give a file name, e.g. {path.rstrip('/')}/backbone.pth")
+    if os.path.exists(path) and (checkpoint and os.path.exists(checkpoint) and os.path.samefile(path, checkpoint)
+                                 or is_train_checkpoint(path)):
+        runs.fail(f"{flag} {path}: is a train.py checkpoint, which writing there would replace; pick another path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not runs.can_write(path) or not (make_folder or os.path.isdir(folder)):
+        runs.fail(f"{flag} {path}: cannot write into {folder}; pick another path")
+
+
+def is_train_checkpoint(path):
+    """Whether `path` is a checkpoint that train.py wrote (read lazily, weights only)."""
+    try:
+        return "optimizer" in runs.read_checkpoint(path, mmap=True, needs=())
+    except runs.CheckpointError:
+        return False
 
 
 def main(argv=None):
@@ -328,23 +358,27 @@ def main(argv=None):
     lo, hi = args.shapes_object_scale
     if not 0 < lo <= hi <= 0.5:
         runs.fail(f"--shapes-object-scale {lo} {hi}: need 0 < LO <= HI <= 0.5 (a radius of half the side fills it)")
+    if args.supervised and lo * (args.image_size or 32) < 2:          # config.MIN_RADIUS_PX: objects of no pixel
+        runs.fail(f"--shapes-object-scale {lo} {hi}: at {args.image_size or 32} px an object's radius would be "
+                  f"{lo * (args.image_size or 32):.2g} px; need at least 2 px (a larger LO or --image-size)")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         runs.fail(f"--device {args.device}: use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         runs.fail("--device cuda: no GPU is visible; use --device cpu")
-    if args.save_weights and not args.supervised:
+    if args.save_weights is not None and not args.supervised:
         runs.fail("--save-weights writes the network of --supervised: add --supervised")
+    for flag, path in (("--save-weights", args.save_weights), ("--export", args.export)):
+        if path is not None:                                          # before the work, not after it
+            check_output_path(flag, path, args.checkpoint, make_folder=flag == "--export")
     if args.supervised:
-        if args.save_weights:                                         # before the training, not after it
-            folder = os.path.dirname(os.path.abspath(args.save_weights))
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                runs.fail(f"--save-weights {args.save_weights}: cannot write into {folder}; pick another path")
         results = supervised_baseline(arch=args.arch, stem=args.stem, image_size=args.image_size or 32,
                                       epochs=args.epochs, lr=args.lr, device=device, save_weights=args.save_weights,
                                       object_scale=args.shapes_object_scale)
         print(json.dumps(results, indent=2))
+        if "save_weights_error" in results:
+            sys.exit(1)
         return results
     if not args.checkpoint:
         runs.fail("pass --checkpoint OUT/last.pt (or --supervised)")
@@ -357,9 +391,6 @@ def main(argv=None):
         runs.fail(f"--checkpoint {args.checkpoint}: its weights are not finite (NaN or inf), so its figures would mean "
              f"nothing: evaluate an earlier checkpoint, or retrain with a lower --lr")
     if args.export:
-        if os.path.isdir(args.export):                                # it left a 45 MB EXPORT.tmp behind
-            runs.fail(f"--export {args.export}: is a folder; give a file name, e.g. "
-                      f"{args.export.rstrip('/')}/backbone.pth")
         try:
             export_backbone(model, args.export, args.export_layout)
         except (OSError, RuntimeError) as error:                      # torch.save raises RuntimeError

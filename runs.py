@@ -126,7 +126,7 @@ class CheckpointError(Exception):
     """A checkpoint that is missing or unreadable; the message names the fix."""
 
 
-def read_checkpoint(path, flag="--checkpoint", *, mmap=False, needs=("framework", "arch")):
+def read_checkpoint(path, flag="--checkpoint", *, mmap=False, needs=("framework", "arch", "stem")):
     """The checkpoint dict, or CheckpointError with a one-line message. `mmap`: tensors stay
     on disk until read (a cheap look at the flags). `needs`: flags its 'args' must hold (a
     dict with 'args' and 'model' and no flags was a traceback further on)."""
@@ -314,10 +314,15 @@ def restore_run(checkpoint, parts, seed, say=print):
 class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption) ask the run to stop: the step (or
     kNN pass) in flight finishes, train() checkpoints and exits with 128 + the signal's number.
-    A second signal stops at once."""
+    A second signal stops at once, unsaved, but only when it is a new request: one stop often
+    arrives twice (`timeout` forwards its TERM to a process group that got one too, torchrun
+    forwards to its children what the terminal sent them), so a signal within DUPLICATE_S of
+    the first (10 s for TERM, which must always save; 1 s for Ctrl-C) is the same request."""
+    DUPLICATE_S = {signal.SIGTERM: 10.0, signal.SIGINT: 1.0}
 
     def __init__(self, quiet=False):
         self.signum, self.previous, self.quiet = None, {}, quiet           # quiet: processes other than 0
+        self.first_at = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():      # signals reach the main thread only
@@ -326,10 +331,13 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame):
+        now = time.monotonic()
         if self.signum is not None:
+            if now - self.first_at < self.DUPLICATE_S.get(signum, 0.0):
+                return                                                # the same stop, delivered twice
             print(f"{signal.Signals(signum).name} again: stopping at once", file=sys.stderr, flush=True)
             sys.exit(128 + signum)
-        self.signum = signum
+        self.signum, self.first_at = signum, now
         if not self.quiet:
             print(f"{signal.Signals(signum).name}: finishing the step in flight, then saving "
                   f"(send it again to stop at once)", file=sys.stderr, flush=True)

@@ -267,6 +267,9 @@ def load_trunk(weights_path=None):
         raise RuntimeError(f"--saliency-weights {weights_path}: weights do not fit a {arch} "
                            f"({str(error).splitlines()[-1].strip()})") from None
     trunk = nn.Sequential(*list(net.children())[:-2])                 # drop avgpool and fc
+    if not all(torch.isfinite(t).all() for t in trunk.state_dict().values() if t.is_floating_point()):
+        raise RuntimeError(f"--saliency-weights {weights_path}: holds NaN or inf values, whose saliency would mark "
+                           f"no foreground at all: use weights from a run that did not diverge")
     return trunk.eval().requires_grad_(False), cifar_stem
 
 

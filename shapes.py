@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "cresc
 PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.9, 0.8, 0.1], [0.3, 0.8, 0.3],
                         [0.2, 0.7, 0.9], [0.4, 0.3, 0.9], [0.9, 0.4, 0.8]])
 SHAPES_SEEDS = {"train": 0, "test": 1, "val": 2}   # three independent draws: disjoint splits
+MAX_SIDE = 4096                  # the JPEG folder's largest side (a 30000 px image takes tens of GB to draw)
 
 
 # ----------------------------------------------------------------------------- in memory
@@ -97,18 +99,39 @@ def _kept(folder, num_images, image_size, seed, object_scale, chunk):
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)                          # released when the file closes
         if os.path.exists(path):
-            return torch.load(path, mmap=True, weights_only=True)
+            try:
+                return _checked(torch.load(path, mmap=True, weights_only=True), num_images, image_size)
+            except Exception as error:                            # truncated, empty, foreign: draw it again
+                print(f"warning: {path} is damaged ({type(error).__name__}: {str(error).splitlines()[0][:80]}); "
+                      f"drawing the images again and replacing it", file=sys.stderr)
         drawn = _draw(*key)
-        try:
-            torch.save(drawn, path + ".tmp")
+        try:                                      # through a file object: a full disk is an OSError
+            with open(path + ".tmp", "wb") as f:
+                torch.save(drawn, f)
             os.replace(path + ".tmp", path)
-        except OSError as error:                                  # a full disk: this run goes on
-            print(f"warning: cannot keep shapes in {folder} ({error.strerror or error}); later runs draw them "
-                  f"again", file=sys.stderr)
+        except (OSError, RuntimeError) as error:                  # a full disk: this run goes on
+            print(f"warning: cannot keep shapes in {folder} ({getattr(error, 'strerror', None) or error}); "
+                  f"later runs draw them again", file=sys.stderr)
         finally:
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
         return drawn
+
+
+def _checked(kept, num_images, image_size):
+    """`kept` when it is what _draw returns for these sizes, else ValueError: images uint8
+    `[n, 3, S, S]`, masks bool `[n, S, S]`, labels int64 `[n]`, objects 3 tensors of `[n]`."""
+    n, S = num_images, image_size
+    shapes_ok = (isinstance(kept, tuple) and len(kept) == 4 and isinstance(kept[3], tuple) and len(kept[3]) == 3
+                 and all(isinstance(t, torch.Tensor) for t in (*kept[:3], *kept[3])))
+    if not shapes_ok:
+        raise ValueError("not the structure the cache writes")
+    images, masks, labels, objects = kept
+    expected = [(images, torch.uint8, (n, 3, S, S)), (masks, torch.bool, (n, S, S)), (labels, torch.int64, (n,))]
+    for tensor, dtype, shape in expected + [(o, o.dtype, (n,)) for o in objects]:
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"a {tensor.dtype} tensor of {tuple(tensor.shape)} where {dtype} {shape} belongs")
+    return kept
 
 
 def _draw(num_images, image_size, seed, object_scale, chunk):
@@ -209,10 +232,12 @@ def write_shapes_folder(root, images=(1300, 500), *, sizes=(160, 500), quality=9
     `root` raises FileExistsError, a failed write (a full disk) OSError, each with a message
     that says what to do."""
     from PIL import Image
-    if os.path.exists(root):
+    root = root.rstrip("/") or root
+    if os.path.lexists(root):                                         # a dangling link too
         raise FileExistsError(f"{root} exists: pick another folder, or remove it to write it again")
-    tmp = root.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)                            # a stopped earlier try
+    parent = os.path.dirname(os.path.abspath(root))
+    # A folder of this writer's own beside ROOT: never one that a user (or another writer) has
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".", suffix=".tmp", dir=parent)
     try:
         for split, count in zip(("train", "val"), images):
             g = torch.Generator().manual_seed(seed * 1000 + SHAPES_SEEDS["train" if split == "train" else "test"])
@@ -226,20 +251,27 @@ def write_shapes_folder(root, images=(1300, 500), *, sizes=(160, 500), quality=9
                 Image.fromarray(image.permute(1, 2, 0).numpy()).save(
                     os.path.join(tmp, split, SHAPE_CLASSES[i % len(SHAPE_CLASSES)], f"{split}_{i:06d}.jpg"),
                     quality=quality)
-    except BaseException as error:                                    # a full disk, Ctrl-C: nothing left behind
+        if os.path.lexists(root):                                     # another writer finished first
+            raise FileExistsError(f"{root} appeared while it was written (another writer?): its images are "
+                                  f"kept, these are not")
+        os.rename(tmp, root)
+    except BaseException as error:                                    # a full disk, Ctrl-C, a stop: nothing left behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, OSError):
+        if isinstance(error, OSError) and not isinstance(error, FileExistsError):
             raise OSError(f"writing {root}: {error.strerror or error}; free some space or pick another "
                           f"folder") from None
         raise
-    os.replace(tmp, root)
 
 
 def main(argv=None):
     """`python shapes.py --jpeg-folder DIR`: write `shapes` as JPEGs at ImageNet's sizes."""
     import argparse
+
+    def refuse(message):                                              # a bad flag: one line, exit 2
+        print(f"error: {message} (see python shapes.py --help)", file=sys.stderr)
+        sys.exit(2)
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.error = lambda message: sys.exit(f"error: {message} (see python shapes.py --help)")
+    parser.error = refuse
     parser.add_argument("--jpeg-folder", metavar="DIR", required=True,
                         help="write DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg (write_shapes_folder)")
     parser.add_argument("--images", type=int, nargs=2, default=(1300, 500), metavar=("TRAIN", "VAL"),
@@ -251,14 +283,21 @@ def main(argv=None):
     if min(args.images) < len(SHAPE_CLASSES):
         parser.error(f"--images {' '.join(map(str, args.images))}: need at least {len(SHAPE_CLASSES)} per split "
                      f"(one per class)")
-    if not 8 <= args.sizes[0] <= args.sizes[1]:
-        parser.error(f"--sizes {' '.join(map(str, args.sizes))}: need 8 <= MIN <= MAX")
-    if args.seed < 0:
-        parser.error(f"--seed {args.seed}: need a value >= 0")
+    if not 8 <= args.sizes[0] <= args.sizes[1] <= MAX_SIDE:          # 30000 px: tens of GB for one image
+        parser.error(f"--sizes {' '.join(map(str, args.sizes))}: need 8 <= MIN <= MAX <= {MAX_SIDE}")
+    if not 0 <= args.seed < 2 ** 40:                                  # seed * 1000 + k must fit torch's seed
+        parser.error(f"--seed {args.seed}: need 0 <= seed < 2**40")
+    if not args.jpeg_folder.strip("/"):
+        parser.error(f"--jpeg-folder '{args.jpeg_folder}': give a folder to write, e.g. --jpeg-folder data/shapes-jpeg")
+    for sig in (signal.SIGTERM, signal.SIGHUP):                      # a stop cleans up as Ctrl-C does
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     try:
         write_shapes_folder(args.jpeg_folder, tuple(args.images), sizes=tuple(args.sizes), seed=args.seed)
-    except OSError as error:                                          # it exists, or the disk is full
-        sys.exit(f"error: {error}")
+    except FileExistsError as error:
+        refuse(error)
+    except OSError as error:                                          # the disk is full
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     print(f"wrote {sum(args.images)} JPEGs to {args.jpeg_folder}: train it with python train.py --dataset "
           f"imagefolder --data-dir {args.jpeg_folder}")
 

@@ -153,6 +153,15 @@ def load(path):
                                                 for r in results):
         runs.fail(f"--results {path}: not a JSON list of study.py's run records (each with its flags under 'args'); "
                   f"restore it from git or pass another --results")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    fields = {"knn_top1": number, "linear_top1": number, "knn_top1_random_init": number,
+              "commit": lambda v: isinstance(v, str), "seed": lambda v: isinstance(v, int) and not isinstance(v, bool)}
+    for index, record in enumerate(results):
+        for field, usable in fields.items():
+            value = record["args"].get("seed") if field == "seed" else record.get(field)
+            if not usable(value):                     # --table would end in a traceback on it
+                runs.fail(f"--results {path}: record {index} has no usable {field} ({value!r}); restore the file "
+                          f"from git or remove that record")
     return results
 
 
@@ -170,8 +179,9 @@ def runs_of_row(results, row, train_args, split="test"):
     """The records trained with the row's flags as train.py resolves them today, any seed,
     evaluated on `split`."""
     wanted = identity(resolve(row, 0, train_args), with_seed=False)
-    return [r for r in results if "args" in r and identity(r["args"], with_seed=False) == wanted
-            and split_of(r) == split]
+    by_seed = {r["args"]["seed"]: r for r in results if "args" in r and split_of(r) == split
+               and identity(r["args"], with_seed=False) == wanted}         # a seed recorded twice counts once
+    return list(by_seed.values())                                        # (its latest record)
 
 
 def table(results, train_args=(), split="test"):
@@ -262,6 +272,21 @@ def scale_figure(path, results, mechanism_results, split="test"):
     fig.tight_layout()
     runs.write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+def read_mechanism(path):
+    """--mechanism's JSON, or one line that says how to write it."""
+    try:
+        with open(path) as f:
+            measured = json.load(f)
+        entries = measured["scales"]
+        if not entries or not all(isinstance(e["shares"]["random"]["over_half"], (int, float))
+                                  and len(e["object_scale"]) == 2 for e in entries):
+            raise ValueError("no measurement")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        runs.fail(f"--mechanism-json {path}: unreadable or not --mechanism's ({type(error).__name__}); write it "
+                  f"with python study.py --mechanism")
+    return measured
 
 
 def _by_source(gains):
@@ -416,6 +441,25 @@ def figure(path, train_args=(), count=6, seed=0):
     masking.save_view_grid(path, figures, query, key, negatives, args.grid, count=count)
 
 
+def measure_mechanism(args, views):
+    """--mechanism: every setting of the sweep at each object scale, printed and written."""
+    sweep = [views.pop(name) for name in ("grids", "strategies", "mask_ratios", "std_factors")]
+    measured = []
+    for scale in views.pop("object_scales"):
+        print(f"\nobjects of radius {scale[0]}-{scale[1]} of the side{' (the default)' * (scale == shapes.OBJECT_SCALE)}:")
+        at_scale = []
+        for grid, strategy, ratio, factor in itertools.product(*sweep):
+            shares, quality = mechanism(object_scale=scale, saliency_weights=args.saliency_weights, grid=grid,
+                                        strategy=strategy, mask_ratio=ratio, std_factor=factor, **views)
+            at_scale.append({"object_scale": list(scale), "grid": grid, "strategy": strategy,
+                             "mask_ratio": list(ratio), "std_factor": factor, "shares": shares, "quality": quality})
+        print(mechanism_table(shares, quality) if len(at_scale) == 1 else sweep_tables(at_scale), flush=True)
+        measured += at_scale
+    runs.write_json(args.mechanism_json, {"commit": runs.code_commit(), "saliency_weights": args.saliency_weights,
+                                          **views, "scales": measured})
+    return measured
+
+
 def main(argv=None):
     parser = runs.OneLineParser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=list(range(1, len(ROWS) + 1)),
@@ -451,32 +495,22 @@ def main(argv=None):
         runs.fail(f"--mechanism-json {args.mechanism_json}: cannot write there; pick another path")
     if args.mechanism:
         views = mechanism_views(args.train_args)
-        sweep = [views.pop(name) for name in ("grids", "strategies", "mask_ratios", "std_factors")]
-        measured = []
-        for scale in views.pop("object_scales"):
-            print(f"\nobjects of radius {scale[0]}-{scale[1]} of the side{' (the default)' * (scale == shapes.OBJECT_SCALE)}:")
-            at_scale = []
-            for grid, strategy, ratio, factor in itertools.product(*sweep):
-                shares, quality = mechanism(object_scale=scale, saliency_weights=args.saliency_weights, grid=grid,
-                                            strategy=strategy, mask_ratio=ratio, std_factor=factor, **views)
-                at_scale.append({"object_scale": list(scale), "grid": grid, "strategy": strategy,
-                                 "mask_ratio": list(ratio), "std_factor": factor, "shares": shares, "quality": quality})
-            print(mechanism_table(shares, quality) if len(at_scale) == 1 else sweep_tables(at_scale), flush=True)
-            measured += at_scale
-        runs.write_json(args.mechanism_json, {"commit": runs.code_commit(), "saliency_weights": args.saliency_weights,
-                                              **views, "scales": measured})
-        return measured
+        try:
+            return measure_mechanism(args, views)
+        except RuntimeError as error:                                 # --saliency-weights: say the fix
+            if "--saliency" not in str(error):
+                raise
+            runs.fail(error)
+    for flag, path in (("--figure", args.figure), ("--scale-figure", args.scale_figure)):
+        if path is not None and (not path or os.path.isdir(path) or not runs.can_write(path)
+                                 or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            runs.fail(f"{flag} {path!r}: cannot write a picture there (a folder, or a folder that does not exist); "
+                      f"give a file name such as results/views.png")
     if args.figure:
         return figure(args.figure, args.train_args)
     results = load(args.results)
     if args.scale_figure:
-        try:
-            with open(args.mechanism_json) as f:
-                mechanism_results = json.load(f)
-        except (OSError, ValueError) as error:
-            runs.fail(f"--mechanism-json {args.mechanism_json}: unreadable ({type(error).__name__}); write it with "
-                      f"python study.py --mechanism")
-        return scale_figure(args.scale_figure, results, mechanism_results, args.split)
+        return scale_figure(args.scale_figure, results, read_mechanism(args.mechanism_json), args.split)
     if args.table:
         print(table(results, args.train_args, args.split))
         if not args.train_args:

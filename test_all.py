@@ -289,6 +289,17 @@ def test_pretrained_saliency_offline_names_the_fix(monkeypatch):
     assert "--saliency-weights PATH" in message and "spectral" in message and "\n" not in message
 
 
+def test_saliency_weights_with_nan_are_refused_in_one_line(tmp_path):
+    """NaN weights were accepted as saliency: every score NaN, so no patch is foreground."""
+    from torchvision.models import resnet18
+    state = resnet18().state_dict()
+    state["layer3.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(RuntimeError, match="holds NaN or inf values") as error:
+        saliency.Saliency("pretrained", 7, weights=str(tmp_path / "nan.pth"))
+    assert "\n" not in str(error.value)
+
+
 # ============================================================================ masking.py
 
 def expected_counts(fg_row, r):
@@ -1087,6 +1098,38 @@ def test_the_shapes_cache_keeps_one_draw_that_later_calls_and_other_runs_load(tm
     assert "only shapes draws its images" in err and "\n" not in err
 
 
+def test_a_damaged_or_foreign_shapes_cache_is_drawn_again_and_replaced(tmp_path, monkeypatch, capsys):
+    """A truncated, empty, random or foreign cache file broke every later run with a
+    traceback, and one with float images or too few of them was used as it was."""
+    cache, key = str(tmp_path / "cache"), (40, 24, 3, (0.1, 0.2), 16)
+    drawn = shapes._kept(cache, *key)
+    path = os.path.join(cache, next(n for n in os.listdir(cache) if n.endswith(".pt")))
+    good = open(path, "rb").read()
+    images, masks, labels, objects = drawn
+    damaged = {"truncated": good[:len(good) // 2], "empty": b"", "random bytes": os.urandom(500)}
+    foreign = {"float images": (images.float(), masks, labels, objects),
+               "too few images": (images[:10], masks[:10], labels[:10], tuple(o[:10] for o in objects)),
+               "another structure": {"images": images}}
+    for name, content in list(damaged.items()) + list(foreign.items()):
+        if isinstance(content, bytes):
+            open(path, "wb").write(content)
+        else:
+            torch.save(content, path)
+        again = shapes._kept(cache, *key)
+        err = capsys.readouterr().err.strip()
+        assert all(torch.equal(a, b) for a, b in zip(again[:3], drawn[:3])), name
+        assert "is damaged" in err and "drawing the images again" in err and "\n" not in err, name
+        assert torch.equal(torch.load(path, weights_only=True)[0], images), name   # replaced by a good file
+    def full_disk(value, f, *args, **kwargs):                         # through a file object: an OSError
+        raise OSError(28, "No space left on device")
+    os.remove(path)
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert torch.equal(shapes._kept(cache, *key)[0], images)
+    err = capsys.readouterr().err.strip()
+    assert "No space left on device" in err and "later runs draw them again" in err and "\n" not in err
+    assert os.listdir(cache) == [os.path.basename(path) + ".lock"]
+
+
 def test_the_object_scale_sets_the_shapes_radius_and_the_default_is_unchanged(capsys):
     default = shapes.make_shapes(200, 48, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(default, shapes.make_shapes(200, 48, seed=3, object_scale=(0.25, 0.45))))
@@ -1354,9 +1397,11 @@ def test_the_jpeg_folder_is_imagenet_like_and_appears_whole_or_not_at_all(tmp_pa
                 assert 3 / 4 - 0.01 <= image.size[0] / image.size[1] <= 4 / 3 + 0.01
     folder = data.load_imagefolder(str(root), "val")
     assert folder.classes == sorted(shapes.SHAPE_CLASSES) and len(folder) == 10
+    capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         shapes.main(["--jpeg-folder", str(root)])
-    assert "exists" in str(stop.value.code) and "\n" not in str(stop.value.code)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "exists" in err and "\n" not in err   # a bad flag: 2, as the README says
     saved = []
 
     def full_disk(self, path, **kwargs):
@@ -1367,6 +1412,34 @@ def test_the_jpeg_folder_is_imagenet_like_and_appears_whole_or_not_at_all(tmp_pa
     with pytest.raises(OSError, match="No space left on device"):
         shapes.write_shapes_folder(str(tmp_path / "full"), (10, 10))
     assert sorted(os.listdir(tmp_path)) == ["jpegs"]                   # neither full nor full.tmp
+
+
+def test_the_jpeg_folder_writer_keeps_what_it_did_not_make_and_refuses_bad_flags_in_one_line(tmp_path, capsys):
+    """It removed an existing DIR.tmp (a user's folder); a dangling link as DIR left a full
+    DIR.tmp; a stop by SIGTERM left a half-written one; bad flags exited 1 or ran out of memory."""
+    (tmp_path / "jpegs.tmp").mkdir()
+    (tmp_path / "jpegs.tmp" / "mine.txt").write_text("a user's file")
+    shapes.write_shapes_folder(str(tmp_path / "jpegs"), (10, 10), sizes=(40, 60))
+    assert (tmp_path / "jpegs.tmp" / "mine.txt").read_text() == "a user's file"
+    assert len(list((tmp_path / "jpegs" / "train").glob("*/*.jpg"))) == 10
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    bad = [["--jpeg-folder", str(tmp_path / "dangling")], ["--jpeg-folder", ""], ["--jpeg-folder", "/"],
+           ["--jpeg-folder", str(tmp_path / "x"), "--seed", str(2 ** 70)],
+           ["--jpeg-folder", str(tmp_path / "x"), "--sizes", "30000", "30000"],
+           ["--jpeg-folder", str(tmp_path / "x"), "--images", "3", "3"]]
+    for argv in bad:
+        with pytest.raises(SystemExit) as stop:
+            shapes.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and err.startswith("error: ") and "\n" not in err, argv
+    writer = subprocess.Popen([sys.executable, "shapes.py", "--jpeg-folder", str(tmp_path / "stopped"), "--images",
+                               "3000", "10", "--sizes", "64", "80"], cwd=os.path.dirname(os.path.abspath(__file__)))
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("stopped.*.tmp/train/*/*.jpg")) and time.time() < deadline:
+        time.sleep(0.05)
+    writer.send_signal(signal.SIGTERM)
+    assert writer.wait(30) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "jpegs", "jpegs.tmp"]   # nothing half-written
 
 
 def test_the_papers_recipe_trains_on_a_jpeg_folder_with_saliency_from_a_local_file(tmp_path, monkeypatch):
@@ -1436,6 +1509,61 @@ def test_a_damaged_cifar_file_names_a_fix_that_works(tmp_path):
 def test_missing_data_names_the_expected_files(tmp_path, name, expected):
     with pytest.raises(data.DataError, match=expected.replace("<", ".").replace(">", ".")):
         data.pretrain_dataset(name, str(tmp_path), 32)
+
+
+def test_images_that_would_be_read_wrong_hang_or_explode_are_refused_in_one_line(tmp_path, monkeypatch):
+    """A 16-bit PNG was read 99.7 % white and a float TIFF black; a FIFO named *.jpg hung its
+    reader; a decompression bomb and a folder linked into itself gave a traceback or looped
+    forever; a val/ with other classes than train/ numbered its labels apart."""
+    import threading
+    from PIL import Image
+    grey16 = np.full((8, 8), 32896, dtype=np.uint16)                  # 128 * 257: mid-grey in 16 bits
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    assert np.asarray(data.read_image(str(tmp_path / "grey16.png"))).tolist() == np.full((8, 8, 3), 128).tolist()
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(data.DataError, match="floating-point values"):
+        data.read_image(str(tmp_path / "float.tiff"))
+    os.mkfifo(tmp_path / "pipe.jpg")
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(data.DataError, data.read_image,
+                                                                          str(tmp_path / "pipe.jpg"))), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert outcome and "not a regular file" in str(outcome[0].value)
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)             # 10,000 pixels: over twice the limit
+    with pytest.raises(data.DataError, match="decompression bombs") as error:
+        data.read_image(str(tmp_path / "bomb.png"))
+    assert "\n" not in str(error.value)
+    monkeypatch.undo()
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "c"))):
+        for name in classes:
+            (tmp_path / "folder" / split / name).mkdir(parents=True)
+            Image.new("RGB", (40, 30)).save(tmp_path / "folder" / split / name / "0.png")
+    with pytest.raises(data.DataError, match="'c' is not in train/"):
+        data.load_split("imagefolder", str(tmp_path / "folder"), "test")
+    os.symlink(tmp_path / "folder" / "train", tmp_path / "folder" / "train" / "a" / "loop")
+    with pytest.raises(data.DataError, match="links back to"):
+        data.load_split("imagefolder", str(tmp_path / "folder"), "train")
+
+
+def test_the_draft_decode_asks_pil_for_the_reduction_it_means_on_any_size(tmp_path, monkeypatch):
+    """PIL reduces a JPEG by min(W // w, H // h): asking for ceil(W / r) gave 333x500 and
+    500x375 (ImageNet's common sizes) no reduction at all at 1/2 (the 1600x1200 of the other
+    test divides by 8, where both ways agree)."""
+    from PIL import Image
+    (tmp_path / "f" / "train" / "c").mkdir(parents=True)
+    for width, height in ((333, 500), (500, 375)):
+        Image.new("RGB", (width, height), (90, 30, 200)).save(tmp_path / "f" / "train" / "c" / f"{width}.jpg")
+    decoded, as_rgb = [], data.as_rgb
+    monkeypatch.setattr(data, "as_rgb", lambda image, path: decoded.append(image.size) or as_rgb(image, path))
+    views = data.CroppedViews(data.load_imagefolder(str(tmp_path / "f"), "train"), 64, crop_scale=(1.0, 1.0))
+    for i in range(2):
+        first, second, *_ = views.draw(i)
+        assert first.shape == second.shape == (3, 64, 64) and first.float().mean(0).std() < 3   # one flat colour
+    # whole-image crops (333x444 and 500x375) still hold a 64 px view at 1/4 (83 and 93 px), not at
+    # 1/8; asking for ceil(W / 4) got 1/2 from PIL, (167, 250) and (250, 188)
+    assert sorted(decoded) == [(84, 125), (125, 94)]
 
 
 # ============================================================================ evaluate.py
@@ -1799,6 +1927,17 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys):
         assert stop.value.code == 2 and message in err and "\n" not in err
 
 
+def test_views_too_large_for_memory_and_objects_of_no_pixel_are_refused_in_one_line(tmp_path, capsys):
+    for argv, message in ((["--image-size", "20000"], "need 8 <= size <= 1024"),
+                          (["--shapes-object-scale", "0.001", "0.002"], "radius would be 0.032 px")):
+        with pytest.raises(SystemExit) as stop:
+            config.parse_args([*argv, "--out", str(tmp_path / "run"), "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and message in err and "\n" not in err
+    assert config.parse_args(["--shapes-object-scale", "0.05", "0.1", "--image-size", "144", "--out",
+                              str(tmp_path / "run")]).shapes_object_scale == [0.05, 0.1]   # the study's smallest
+
+
 # ============================================================================ runs.py: resume checks, the folder and its lock, signals, checkpoints
 
 @pytest.fixture(scope="module")
@@ -1863,6 +2002,23 @@ def test_no_loaded_file_runs_code(one_step_run, tmp_path, capsys):
     assert not marker.exists()
     assert torch.equal(data.load_cifar(str(tmp_path / "cifar"), "cifar10", train=False)[0][0].flatten(),
                        torch.from_numpy(written["test_batch"]["data"][0]))   # a clean batch still reads
+
+
+def test_one_stop_delivered_twice_still_saves_and_a_later_one_stops_at_once(monkeypatch):
+    """`timeout` forwards its TERM to a process group that got one too, and torchrun forwards
+    what the terminal sent: the second copy said "stopping at once" and the run lost its steps."""
+    clock = [100.0]
+    monkeypatch.setattr(runs.time, "monotonic", lambda: clock[0])
+    for signum, duplicate_s in ((signal.SIGTERM, 10.0), (signal.SIGINT, 1.0)):
+        with runs.StopRequest(quiet=True) as stop:
+            os.kill(os.getpid(), signum)
+            clock[0] += duplicate_s - 0.1
+            os.kill(os.getpid(), signum)                              # the same stop: the run goes on to save
+            assert stop.signum == signum
+            clock[0] += 0.2
+            with pytest.raises(SystemExit) as exited:                 # a new request, on purpose
+                os.kill(os.getpid(), signum)
+            assert exited.value.code == 128 + signum
 
 
 def test_the_progress_line_shows_only_the_shares_a_run_measures(tmp_path, capsys):
@@ -2172,9 +2328,40 @@ def test_export_to_a_folder_is_refused_and_leaves_no_temporary_file(trained_chec
     with pytest.raises(SystemExit) as stop:                           # torch.save's RuntimeError was a traceback
         evaluate.main(["--checkpoint", str(trained_checkpoint), "--export", "/proc/backbone.pth"])
     err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and "--export /proc/backbone.pth: cannot write it" in err and "\n" not in err
+    assert stop.value.code == 2 and "--export /proc/backbone.pth: cannot write" in err and "\n" not in err
     evaluate.main(["--checkpoint", str(trained_checkpoint), "--export", str(tmp_path / "new" / "b.pth")])
     assert (tmp_path / "new" / "b.pth").is_file()                     # a missing folder is made
+
+
+def test_no_output_replaces_a_checkpoint_or_is_found_unwritable_after_the_work(trained_checkpoint, tmp_path,
+                                                                              capsys, monkeypatch):
+    """--export onto the checkpoint replaced it with a bare backbone (exit 0); --save-weights
+    into a folder trained for an hour, then ended in a traceback; '' was silently ignored."""
+    shutil.copy(trained_checkpoint, tmp_path / "last.pt")
+    shutil.copy(trained_checkpoint, tmp_path / "other.pt")
+    before = (tmp_path / "last.pt").read_bytes()
+    trained = []
+    monkeypatch.setattr(evaluate, "supervised_baseline", lambda **kwargs: trained.append(kwargs))
+    cases = [(["--checkpoint", str(tmp_path / "last.pt"), "--export", str(tmp_path / "last.pt")], "is a train.py checkpoint"),
+             (["--checkpoint", str(tmp_path / "last.pt"), "--export", str(tmp_path / "other.pt")], "is a train.py checkpoint"),
+             (["--checkpoint", str(tmp_path / "last.pt"), "--export", ""], "give a file name"),
+             (["--supervised", "--save-weights", str(tmp_path)], "is a folder"),
+             (["--supervised", "--save-weights", ""], "give a file name"),
+             (["--supervised", "--save-weights", str(tmp_path / "last.pt")], "is a train.py checkpoint")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and message in err and "\n" not in err, argv
+    assert not trained and (tmp_path / "last.pt").read_bytes() == before
+    monkeypatch.undo()
+    def full_disk(path, write, mode="wb"):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(runs, "write_atomic", full_disk)
+    results = evaluate.supervised_baseline(shapes_size=(128, 64), epochs=1, batch_size=64,
+                                           save_weights=str(tmp_path / "w.pth"))
+    assert "No space left on device" in results["save_weights_error"] and "supervised_top1" in results
+    assert "the figures follow" in capsys.readouterr().err
 
 
 def test_export_loads_into_a_fresh_torchvision_resnet_with_the_same_features(trained_checkpoint, tmp_path):
@@ -2447,6 +2634,23 @@ def test_bench_json_holds_what_it_printed_with_device_commit_and_flags(tmp_path,
     assert not list(path.parent.glob("*.tmp"))
 
 
+def test_bench_recipe_refuses_a_folder_it_cannot_batch_or_read_in_one_line(tmp_path, capsys):
+    """A folder with fewer images than a batch looped forever; a missing one was a traceback."""
+    from PIL import Image
+    for split in ("train", "val"):
+        (tmp_path / "few" / split / "c").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (64, 48), (40 * i, 90, 20)).save(tmp_path / "few" / split / "c" / f"{i}.jpg")
+    with pytest.raises(data.DataError, match="3 images make no batch of 8"):
+        next(bench.batches(torch.utils.data.DataLoader(list(range(3)), batch_size=8, drop_last=True)))
+    for folder, message in (("few", "3 images make no batch of 8"), ("missing", "expected images as")):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--recipe", "paper", "--device", "cpu", "--data-dir", str(tmp_path / folder), "--image-size",
+                        "32", "--arch", "resnet18", "--workers", "0", "--repeats", "1", "--steps", "1", "--bn-splits", "2"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and message in err[-1] and err[-1].startswith("error: ")
+
+
 # ============================================================================ study.py
 
 def study_record(row, seed, **changes):
@@ -2512,6 +2716,45 @@ def test_study_pairs_balanced_and_random_masking_by_seed_at_each_object_scale(tm
         study.main(["--scale-figure", str(tmp_path / "s.png"), "--results", str(tmp_path / "r.json"),
                     "--mechanism-json", str(tmp_path / "m.json")])
     assert stop.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_study_refuses_unusable_records_and_pictures_it_cannot_write_in_one_line(tmp_path, capsys):
+    """--table on a record with a missing, null or string figure, commit or seed was a
+    traceback; a seed recorded twice showed as '± 0.0, seeds 0, 0, 0'; --scale-figure on an
+    empty or foreign mechanism file, into a folder or a missing one, and --figure DIR too."""
+    good = [study_record(1, 0), study_record(1, 1)]
+    for field, value in (("knn_top1", None), ("knn_top1", "51"), ("commit", None), ("seed", "0"), ("linear_top1", True)):
+        record = study_record(1, 2)
+        if field == "seed":
+            record["args"]["seed"] = value
+        else:
+            record[field] = value
+        (tmp_path / "r.json").write_text(json.dumps(good + [record]))
+        with pytest.raises(SystemExit) as stop:
+            study.main(["--table", "--results", str(tmp_path / "r.json")])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and f"record 2 has no usable {field}" in err and "\n" not in err
+    (tmp_path / "r.json").write_text(json.dumps([study_record(1, 0)] * 3 + [study_record(1, 1)]))
+    study.main(["--table", "--results", str(tmp_path / "r.json")])
+    assert "| 50.5 ± 0.7 | 60.0 ± 0.0 | 20.5 ± 0.7 | 0, 1 |" in capsys.readouterr().out   # each seed once
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "none.json").write_text('{"scales": []}')
+    for argv, message in ((["--scale-figure", str(tmp_path / "s.png"), "--mechanism-json", str(tmp_path / "empty.json")],
+                           "not --mechanism's"),
+                          (["--scale-figure", str(tmp_path / "s.png"), "--mechanism-json", str(tmp_path / "none.json")],
+                           "not --mechanism's"),
+                          (["--scale-figure", str(tmp_path)], "cannot write a picture there"),
+                          (["--scale-figure", str(tmp_path / "no" / "s.png")], "cannot write a picture there"),
+                          (["--figure", str(tmp_path)], "cannot write a picture there")):
+        with pytest.raises(SystemExit) as stop:
+            study.main([*argv, "--results", str(tmp_path / "r.json")])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and message in err and "\n" not in err, argv
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--mechanism", "--saliency-weights", str(tmp_path / "none.json"), "--mechanism-json",
+                    str(tmp_path / "m.json"), "--shapes-object-scale", "0.25", "0.45"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "--saliency-weights" in err and "\n" not in err
 
 
 def test_study_exits_non_zero_and_lists_the_failed_runs(tmp_path, monkeypatch, capsys):
