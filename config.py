@@ -18,14 +18,16 @@ import models
 import runs
 import saliency
 
-SMALL = 96          # images up to this size get the CIFAR single-GPU recipe's defaults
+LARGE_DATASETS = ("imagefolder",)   # ImageNet-like folders get the paper's recipe; the rest MoCo's CIFAR one
 MAX_IMAGE_SIZE = 1024   # views larger than this (20000 px) ran out of memory in a traceback
 MIN_RADIUS_PX = 2       # a shapes object smaller than this has no pixel of its own
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-# The two recipes, for the flags left out (SPEC.md section 5). Images up to SMALL px (and
-# shapes at any size): MoCo's CIFAR single-GPU recipe, with alpha 1 (fill_defaults says why);
-# larger: the paper's.
+# The two recipes, for the flags left out (SPEC.md section 5), chosen by what the data is, not
+# by the view size: an image folder (ImageNet-100, the paper's data) gets the paper's; CIFAR,
+# STL-10 and shapes, datasets of CIFAR's scale, get MoCo's CIFAR single-GPU recipe with alpha 1
+# (fill_defaults says why) at any view size. Either queue is capped at the training set
+# (train.py, with a note), so no default refuses to start.
 SMALL_RECIPE = {"lr": lambda batch: 0.06 * batch / 512, "weight_decay": 5e-4, "queue_size": 4096,
                 "moco_momentum": 0.99, "temperature": 0.1, "alpha": 1.0}
 PAPER_RECIPE = {"lr": lambda batch: 0.03 * batch / 256, "weight_decay": 1e-4, "queue_size": 65536,
@@ -77,7 +79,7 @@ def parse_args(argv=None, prog="train.py"):
       help="linear lr warm-up before the cosine decay (default 1 for shapes, 0 otherwise: the release has none)")
     a("--lr", type=float, default=None,
       help="SGD lr; default 0.06 x batch/128 (shapes), 0.06 x batch/512 (CIFAR recipe), 0.03 x batch/256 (paper)")
-    a("--weight-decay", type=float, default=None, help="default 5e-4 small images, 1e-4 large (paper)")
+    a("--weight-decay", type=float, default=None, help="default 1e-4 imagefolder (paper), 5e-4 the others")
     a("--masking", choices=["saliency", "random", "none"], default="saliency",
       help="saliency: the paper's balanced masking; random: uniform masking; none: the plain framework")
     a("--saliency", choices=saliency.SOURCES, default="spectral",
@@ -102,22 +104,24 @@ def parse_args(argv=None, prog="train.py"):
     a("--num-hard-negatives", type=int, default=None,
       help="M hard negatives per image (paper: 1); default 1 with --masking saliency, else 0")
     a("--alpha", type=float, default=None,
-      help="weight of the hard-negative logits (paper: 2, the default at 224 px; small images up to 96 px, "
-           "shapes, CIFAR, STL: 1, because the only evidence at that size, shapes at 32 px, says alpha 2 "
+      help="weight of the hard-negative logits (paper: 2, the default for --dataset imagefolder; shapes, CIFAR, "
+           "STL-10 at any view size: 1, because the only evidence at that scale, shapes at 32 px, says alpha 2 "
            "costs 13 kNN points over three seeds, see the README)")
     a("--hard-negative-pairing", choices=models.PAIRINGS, default="own",
       help="own: each query meets its own image's hard negative (the paper's text); release: what the "
            "released MoCo code computes, each BatchNorm sub-batch standing for a GPU: every query of a "
            "sub-batch meets hard negative m of the sub-batch's image m, embedded as a batch of one image "
            "(needs a last feature map of 2x2 or more, see the README)")
-    a("--queue-size", type=int, default=None, help="MoCo queue K (default 4096 small images, 65536 large)")
+    a("--queue-size", type=int, default=None,
+      help="MoCo queue K (default 65536 for imagefolder, the paper's; 4096 for shapes, CIFAR, STL-10; a default "
+           "longer than the training set is capped at it, with a note)")
     a("--moco-momentum", type=float, default=None,
-      help="momentum m of the key/target encoder (0.99 small, 0.999 large); BYOL: the base value, "
+      help="momentum m of the key/target encoder (0.999 imagefolder, 0.99 the others); BYOL: the base value, "
            "raised to 1 by a cosine over training")
-    a("--temperature", type=float, default=None, help="tau (0.1 small images, 0.2 large: paper)")
+    a("--temperature", type=float, default=None, help="tau (0.2 imagefolder: the paper's; 0.1 the others)")
     a("--bn-splits", type=int, default=None,
-      help="BatchNorm sub-batches of the global batch, simulating Shuffle-BN's GPUs (default: 8 for small "
-           "images, MoCo's CIFAR demo; large images: the fewest of at most 32 images, as the release's 4 "
+      help="BatchNorm sub-batches of the global batch, simulating Shuffle-BN's GPUs (default: 8 for shapes, "
+           "CIFAR, STL-10, MoCo's CIFAR demo; imagefolder: the fewest of at most 32 images, as the release's 4 "
            "GPUs at batch 128; under torchrun a multiple of the number of processes)")
     a("--amp", choices=["bf16", "fp16", "off"], default=None, help="autocast dtype (default bf16 on cuda, off on cpu)")
     a("--channels-last", action="store_true", help="channels_last memory format")
@@ -145,33 +149,32 @@ def parse_args(argv=None, prog="train.py"):
 
 
 def fill_defaults(args):
-    """Defaults per dataset. Large images: the paper's recipe (SPEC.md section 5). CIFAR-size
-    images: MoCo's CIFAR single-GPU recipe. shapes: a demo sized for 15 minutes on 2 CPU cores,
+    """Defaults per dataset. Image folders: the paper's recipe (SPEC.md section 5). CIFAR,
+    STL-10 and shapes: MoCo's CIFAR single-GPU recipe, at any view size. shapes: a demo sized for 15 minutes on 2 CPU cores,
     with a warm-up epoch; without one MoCo collapses while its queue still holds random
     vectors (positive similarity 0.98 after 24 steps, measured; see the README). Its crops keep
     at least 85 % of the image, not MoCo v2's 20 %: a shape covers 20-64 % of a 32 px image,
     and crops of a fifth of it can leave view pairs that share background but not the object.
     With 20 % the default run ends 6 kNN points below its random-init encoder. Its hard
     negative enters the loss as an ordinary negative (alpha 1, not the paper's 2), and so it
-    does for every small-image recipe (up to 96 px): on 32 px shapes a hard negative is little
+    does for every dataset of the small recipe: on 32 px shapes a hard negative is little
     more than a noisier key, and with alpha 2 at tau 0.1 its one term takes most of the
     softmax denominator (88 %, the 4,096 queue negatives 11 %). With alpha 2 the run ends 13
     kNN points below alpha 1 over seeds 0-2 (study rows 9-10); nothing measured at 32-96 px
-    says otherwise, so 224 px alone keeps the paper's 2."""
+    says otherwise, so image folders alone keep the paper's 2."""
     def default(name, value):                      # an explicit value is kept, then checked: never replaced
         if getattr(args, name) is None:
             setattr(args, name, value)
     default("image_size", IMAGE_SIZE[args.dataset])
-    # The recipe follows the dataset's scale. shapes keeps the small one at every view size: its
-    # 20,000 images are CIFAR's scale, and the paper's queue of 65,536 keys would hold each
-    # image's own earlier keys among its negatives about three times (train.py refuses that).
+    # The recipe follows what the data is. shapes, CIFAR and STL-10 keep the small one at every
+    # view size: their 20,000-105,000 images are CIFAR's scale, and the paper's queue of 65,536
+    # keys would hold each image's own earlier keys among its negatives.
     shapes = args.dataset == "shapes"
-    small = args.image_size <= SMALL or shapes
+    small = args.dataset not in LARGE_DATASETS
     if args.stem == "auto":                                           # CIFAR stem: ~19x the time at 32 px
         args.stem = "cifar" if args.dataset in ("cifar10", "cifar100") else "imagenet"
-    recipe = {**(SMALL_RECIPE if small else PAPER_RECIPE), **(SHAPES if shapes else OTHER_DATASETS)}
-    for name, value in recipe.items():
-        default(name, value(args.batch_size) if callable(value) else value)
+    for name, value in recipe_of(args).items():
+        default(name, value)
     resumed_from = os.path.dirname(args.resume) or "." if args.resume not in (None, "auto") else None
     default("out", resumed_from or os.path.join("runs", f"{args.dataset}-{args.framework}"))
     if args.resume == "auto":                                         # under torchrun process 0's decision holds
@@ -193,6 +196,13 @@ def fill_defaults(args):
     default("compile", "off")
     cores = os.cpu_count() or 1
     default("workers", 0 if args.device == "cpu" and cores <= 4 else min(8, cores // 2))
+
+
+def recipe_of(args):
+    """The defaults of the recipe `args.dataset` gets (fill_defaults), for `args.batch_size`."""
+    recipe = {**(SMALL_RECIPE if args.dataset not in LARGE_DATASETS else PAPER_RECIPE),
+              **(SHAPES if args.dataset == "shapes" else OTHER_DATASETS)}
+    return {name: value(args.batch_size) if callable(value) else value for name, value in recipe.items()}
 
 
 def saved_args(checkpoint_path):
@@ -238,7 +248,7 @@ def check_args(p, args):
     lo, hi = args.shapes_object_scale
     if not 0 < lo <= hi <= 0.5:
         p.error(f"--shapes-object-scale {lo} {hi}: need 0 < LO <= HI <= 0.5 (a radius of half the side fills it)")
-    if args.dataset == "shapes" and lo * args.image_size < MIN_RADIUS_PX:   # 0.001 drew objects of no pixel
+    if args.dataset == "shapes" and args.image_size >= 8 and lo * args.image_size < MIN_RADIUS_PX:   # 0.001: no pixel
         p.error(f"--shapes-object-scale {lo} {hi}: at --image-size {args.image_size} an object's radius would be "
                 f"{lo * args.image_size:.2g} px; need LO >= {MIN_RADIUS_PX / args.image_size:.3g} ({MIN_RADIUS_PX} px) "
                 f"or a larger --image-size")

@@ -167,8 +167,6 @@ def train_step(args, batch, parts, timer=None):
 def train(args):
     runs.seed_all(args.seed)
     checkpoint = runs.resume_checkpoint(args)
-    if checkpoint:
-        runs.check_resume(args, checkpoint)
     train_set = data.pretrain_dataset(args.dataset, args.data_dir, args.image_size, download=args.download,
                                       augment=args.augment, crop_scale=tuple(args.crop_scale),
                                       shapes_size=tuple(args.shapes_size),
@@ -182,8 +180,15 @@ def train(args):
                   f"an epoch has no step: use a smaller batch (or more images)")
     if args.framework == "moco" and args.queue_size > len(train_set):   # its own keys would be its negatives
         most = len(train_set) // args.batch_size * args.batch_size
-        runs.fail(f"--queue-size {args.queue_size} is larger than the {len(train_set)} training images, so each "
-                  f"image's own earlier keys would be among its negatives: use --queue-size {most} or less")
+        if args.queue_size != config.recipe_of(args)["queue_size"]:    # asked for: refused
+            runs.fail(f"--queue-size {args.queue_size} is larger than the {len(train_set)} training images, so each "
+                      f"image's own earlier keys would be among its negatives: use --queue-size {most} or less")
+        if models.process_group()[0] == 0:
+            print(f"note: the recipe's queue of {args.queue_size} keys is longer than the {len(train_set)} training "
+                  f"images; it holds {most} (the most whole batches that fit)")
+        args.queue_size = most                                          # the same cap on every resume
+    if checkpoint:                                                     # after the cap, which it saw too
+        runs.check_resume(args, checkpoint)
     first = models.process_group()[0] == 0                            # process 0 writes, the others compute
     with runs.out_folder(args.out) if first else contextlib.nullcontext(), runs.StopRequest(quiet=not first) as stop:
         return run(args, checkpoint, train_set, steps_per_epoch, stop)
