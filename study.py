@@ -7,7 +7,10 @@
     python study.py --rows 9 10 --seeds 0 1 --split val --results results/defaults-val.json   # tuning: validation
     python study.py --mechanism                      # how much of the object a query's mask hides, by object size
     python study.py --rows 3 5 4 1 --shapes-object-scale 0.08 0.15 --image-size 96   # smaller objects (SCALES)
-    python study.py --scale-figure results/scale.png # balanced against random masking, by object size
+    python study.py --mechanism --mask-ratio 0.05 0.25 0.25 0.5 0.5 0.75 --grid 7 4 3 --strategy hp blur \\
+        --fg-std-factor 0.6 0 -0.5 --shapes-object-scale 0.25 0.45 --mechanism-json results/mechanism-ratio.json
+    python study.py --rows 3 4 5 6 7 8 --mask-ratio 0.25 0.5     # where a random mask hides more of the object
+    python study.py --gain-figure results/gain.png   # balanced against random masking, every setting
     python study.py --figure results/views.png       # the README's picture of the views
 
 Each run is `python train.py FLAGS --seed S` at the default budget of train.py (flags this
@@ -215,60 +218,113 @@ def scale_flags(scale):
     return ["--shapes-object-scale", str(scale[0]), str(scale[1]), "--image-size", str(SCALES[scale])]
 
 
-def scale_tables(results, split="test"):
-    """The table of each object scale other than the default that has runs in `results`."""
-    return [f"objects of radius {lo}-{hi} of the side ({' '.join(scale_flags((lo, hi)))}):\n\n"
-            + table(results, scale_flags((lo, hi)), split) for lo, hi in MECHANISM_SCALES[1:]
-            if any(runs_of_row(results, row, scale_flags((lo, hi)), split) for row in range(1, len(ROWS) + 1))]
+# Where saliency tells you where: each setting in which balanced masking meets random masking
+# (no hard negative), paired by seed. The object scales above with the paper's query mask (hp,
+# r ~ U(0.05, 0.25)); and at the default objects and 32 px, each fill at each query mask ratio:
+# a higher ratio is the cheap way to let a random mask hide most of an object (--mechanism).
+FILL_ROWS = {"hp": SCALE_ROWS, "blur": {"random": 6, "spectral": 7, "gt": 8}}
+MASK_RATIOS = (masking.POSITIVE_RATIO, (0.25, 0.5), (0.5, 0.75))
+
+
+def ratio_flags(ratio):
+    """train.py's flags for a query mask ratio range (none for the paper's)."""
+    return [] if tuple(ratio) == masking.POSITIVE_RATIO else ["--mask-ratio", str(ratio[0]), str(ratio[1])]
+
+
+def settings():
+    """[(label, (object scale, fill, mask ratio), train.py flags, rows)], one per setting where
+    balanced and random masking meet: every object scale (hp, the paper's ratio), then every
+    other fill and ratio at the default objects."""
+    found = [(f"radius {lo}-{hi}", ((lo, hi), "hp", masking.POSITIVE_RATIO), scale_flags((lo, hi)), SCALE_ROWS)
+             for lo, hi in MECHANISM_SCALES]
+    found += [(f"{fill}, mask {lo}-{hi}", (shapes.OBJECT_SCALE, fill, (lo, hi)), ratio_flags((lo, hi)), rows)
+              for fill, rows in FILL_ROWS.items() for lo, hi in MASK_RATIOS if (fill, (lo, hi)) != (
+                  "hp", masking.POSITIVE_RATIO)]
+    return found
+
+
+def setting_tables(results, split="test"):
+    """The table of each setting other than the default objects at the paper's ratio (the
+    main table) that has runs in `results`: each object scale, each query mask ratio."""
+    named = [(f"objects of radius {lo}-{hi} of the side", scale_flags((lo, hi))) for lo, hi in MECHANISM_SCALES[1:]]
+    named += [(f"query mask ratio {lo}-{hi}", ratio_flags((lo, hi))) for lo, hi in MASK_RATIOS[1:]]
+    return [f"{name} ({' '.join(flags)}):\n\n" + table(results, flags, split) for name, flags in named
+            if any(runs_of_row(results, row, flags, split) for row in range(1, len(ROWS) + 1))]
+
+
+def paired_gains(results, flags, rows, split="test"):
+    """kNN top-1 of balanced masking (spectral, gt) minus random masking's, in points, for
+    each seed that ran both with `flags`: {"spectral": [gain per seed], "gt": [...]}."""
+    knn = {name: {r["args"]["seed"]: r["knn_top1"] for r in runs_of_row(results, row, flags, split)}
+           for name, row in rows.items()}
+    return {name: [knn[name][seed] - knn["random"][seed] for seed in sorted(knn[name]) if seed in knn["random"]]
+            for name in ("spectral", "gt")}
 
 
 def gains_by_scale(results, split="test"):
-    """kNN top-1 of balanced masking (spectral, gt) minus random masking's, in points, per
-    seed that ran both, at each object scale of MECHANISM_SCALES:
-    {scale: {"spectral": [gain per seed], "gt": [...]}} (scales with no pair left out)."""
-    gains = {}
-    for scale in MECHANISM_SCALES:
-        knn = {name: {r["args"]["seed"]: r["knn_top1"] for r in runs_of_row(results, row, scale_flags(scale), split)}
-               for name, row in SCALE_ROWS.items()}
-        pairs = {name: [knn[name][seed] - knn["random"][seed] for seed in sorted(knn[name]) if seed in knn["random"]]
-                 for name in ("spectral", "gt")}
-        if any(pairs.values()):
-            gains[scale] = pairs
-    return gains
+    """paired_gains at each object scale of MECHANISM_SCALES: {scale: {"spectral": [...],
+    "gt": [...]}} (scales with no pair left out)."""
+    gains = {scale: paired_gains(results, scale_flags(scale), SCALE_ROWS, split) for scale in MECHANISM_SCALES}
+    return {scale: pairs for scale, pairs in gains.items() if any(pairs.values())}
 
 
-def scale_figure(path, results, mechanism_results, split="test"):
-    """results/scale.png: left, the kNN gain of balanced over random masking against the object
-    radius (mean and standard deviation over seeds, each seed paired); right, the mechanism's
-    share of views whose query mask hides over half of the object (`--mechanism`'s JSON)."""
+def tails(mechanism_results):
+    """{(object scale, fill, mask ratio): {masking: % of views with over half of the object
+    hidden}} from --mechanism's JSON files, grid 7 and the paper's foreground rule (entries
+    from before the sweep were measured with hp and the paper's ratio)."""
+    found = {}
+    for measured in mechanism_results:
+        for entry in measured["scales"]:
+            if entry.get("grid", 7) == 7 and entry.get("std_factor", 0.6) == 0.6:
+                key = (tuple(entry["object_scale"]), entry.get("strategy", "hp"),
+                       tuple(entry.get("mask_ratio", masking.POSITIVE_RATIO)))
+                found[key] = {name: share["over_half"] for name, share in entry["shares"].items()}
+    return found
+
+
+def gain_figure(path, results, mechanism_results, split="test"):
+    """results/gain.png, the study's answer in one picture. Left: balanced masking's kNN gain
+    over random masking (mean and standard deviation over seeds, each seed paired) against how
+    often a random query mask hides over half of the object, one point per setting (object
+    scale, fill and mask ratio) with runs, true foreground and spectral saliency apart.
+    Right: that share for random and balanced masking, by setting (--mechanism's JSON files)."""
     try:
         import matplotlib
     except ImportError:
-        runs.fail("--scale-figure draws with matplotlib: pip install matplotlib")
+        runs.fail("--gain-figure draws with matplotlib: pip install matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    middle = lambda scale: (scale[0] + scale[1]) / 2
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    for (name, gains), marker, shift in zip(_by_source(gains_by_scale(results, split)).items(), "os", (-0.003, 0.003)):
-        x = [middle(scale) + shift for scale in gains]                # side by side, not on top of each other
-        mean = [statistics.mean(g) for g in gains.values()]
-        std = [statistics.stdev(g) if len(g) > 1 else 0 for g in gains.values()]
-        left.errorbar(x, mean, yerr=std, marker=marker, capsize=4, label=f"balanced ({name}) - random")
-        for xi, yi, g in zip(x, mean, gains.values()):
-            left.annotate(f"{len(g)}", (xi, yi), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    tail = tails(mechanism_results)
+    measured = [(label, key, flags, rows) for label, key, flags, rows in settings() if key in tail]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+    for name, marker, colour, shift in (("gt", "o", "tab:green", 1.0), ("spectral", "s", "tab:orange", 1.15)):
+        points = [(tail[key]["random"] * shift, gains[name], label) for label, key, flags, rows in measured   # apart
+                  for gains in [paired_gains(results, flags, rows, split)] if gains[name]]
+        if not points:
+            continue
+        x, gains, labels = zip(*points)
+        mean = [statistics.mean(g) for g in gains]
+        std = [statistics.stdev(g) if len(g) > 1 else 0 for g in gains]
+        left.errorbar(x, mean, yerr=std, fmt=marker, color=colour, capsize=4, ms=7,
+                      label=f"balanced ({'true foreground' if name == 'gt' else 'spectral saliency'}) - random")
+        for xi, yi, g, label in zip(x, mean, gains, labels):
+            left.annotate(f"{label} (n={len(g)})", (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=8,
+                          color=colour)
     left.axhline(0, color="grey", lw=0.8)
-    left.set(xlabel="object radius (share of the side, middle of the range)", ylabel="kNN top-1 gain (points)",
-             title="Does saliency tell you where? (mean ± std, n seeds)")
-    left.legend()
-    for name in mechanism_results["scales"][0]["shares"]:             # random, then each source measured (SCDA too)
-        points = [(middle(entry["object_scale"]), entry["shares"][name]["over_half"])
-                  for entry in mechanism_results["scales"]]
-        right.plot(*zip(*points), marker="o", label=name)
-    right.set(xlabel="object radius (share of the side, middle of the range)",
-              ylabel="views with over half of the object hidden (%)", title="The mechanism (no training)")
-    right.legend()
-    for axis in (left, right):
-        axis.set_xlim(0, 0.4)
+    left.set_xscale("log")
+    left.set(xlim=(0.01, 150), xlabel="views whose random query mask hides over half of the object (%, log scale)",
+             ylabel="kNN top-1: balanced minus random (points)",
+             title="Does saliency tell you where? (mean ± std over seeds, paired by seed)")
+    left.legend(loc="upper left", fontsize=9)
+    order = sorted(measured, key=lambda m: tail[m[1]]["random"])
+    names = [("random", "random", "tab:blue"), ("balanced, true foreground (gt)", "balanced, gt", "tab:green"),
+             ("balanced, spectral saliency", "balanced, spectral", "tab:orange")]
+    for i, (key, label, colour) in enumerate(names):
+        right.barh([j - 0.27 * (i - 1) for j in range(len(order))], [tail[m[1]].get(key, 0) for m in order],
+                   height=0.27, label=label, color=colour)
+    right.set_yticks(range(len(order)), [m[0] for m in order], fontsize=8)
+    right.set(xlabel="views with over half of the object hidden (%)", title="The mechanism, no training (grid 7)")
+    right.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     runs.write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
@@ -287,11 +343,6 @@ def read_mechanism(path):
         runs.fail(f"--mechanism-json {path}: unreadable or not --mechanism's ({type(error).__name__}); write it "
                   f"with python study.py --mechanism")
     return measured
-
-
-def _by_source(gains):
-    """{scale: {source: gains}} -> {source: {scale: gains}}, scales with gains only."""
-    return {name: {scale: pair[name] for scale, pair in gains.items() if pair[name]} for name in ("spectral", "gt")}
 
 
 @functools.lru_cache(maxsize=2)
@@ -480,19 +531,25 @@ def main(argv=None):
     parser.add_argument("--saliency-weights", metavar="PATH",
                         help="with --mechanism: also SCDA saliency from this network (evaluate.py --supervised "
                              "--stem cifar --save-weights PATH)")
-    parser.add_argument("--mechanism-json", default="results/mechanism.json",
-                        help="where --mechanism writes its figures and --scale-figure reads them")
+    parser.add_argument("--mechanism-json", nargs="+", default=["results/mechanism.json", "results/mechanism-ratio.json"],
+                        help="where --mechanism writes its figures (one file; default results/mechanism.json) and "
+                             "--gain-figure reads them (every file given)")
     parser.add_argument("--figure", metavar="PNG", help="only draw the views of one batch (the README's picture)")
-    parser.add_argument("--scale-figure", metavar="PNG",
-                        help="only draw balanced masking's gain over random against object scale (needs matplotlib)")
+    parser.add_argument("--gain-figure", metavar="PNG",
+                        help="only draw balanced masking's gain over random against how often a random mask hides "
+                             "most of the object, every setting with runs (needs matplotlib)")
     args, args.train_args = parser.parse_known_args(argv)             # the rest goes to train.py
     bad = [r for r in args.rows if not 1 <= r <= len(ROWS)]
     if bad:
         runs.fail(f"--rows {bad[0]}: rows are 1-{len(ROWS)}")
     if args.jobs < 1 or args.threads < 1:
         runs.fail(f"--jobs {args.jobs} --threads {args.threads}: need at least 1 of each")
-    if args.mechanism and not runs.can_write(args.mechanism_json):     # before the measurement, not after it
-        runs.fail(f"--mechanism-json {args.mechanism_json}: cannot write there; pick another path")
+    if args.mechanism:
+        if len(args.mechanism_json) != 1 and args.mechanism_json != parser.get_default("mechanism_json"):
+            runs.fail("--mechanism writes one --mechanism-json file: give one path")
+        args.mechanism_json = args.mechanism_json[0]
+        if not runs.can_write(args.mechanism_json):                  # before the measurement, not after it
+            runs.fail(f"--mechanism-json {args.mechanism_json}: cannot write there; pick another path")
     if args.mechanism:
         views = mechanism_views(args.train_args)
         try:
@@ -501,7 +558,7 @@ def main(argv=None):
             if "--saliency" not in str(error):
                 raise
             runs.fail(error)
-    for flag, path in (("--figure", args.figure), ("--scale-figure", args.scale_figure)):
+    for flag, path in (("--figure", args.figure), ("--gain-figure", args.gain_figure)):
         if path is not None and (not path or os.path.isdir(path) or not runs.can_write(path)
                                  or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
             runs.fail(f"{flag} {path!r}: cannot write a picture there (a folder, or a folder that does not exist); "
@@ -509,12 +566,12 @@ def main(argv=None):
     if args.figure:
         return figure(args.figure, args.train_args)
     results = load(args.results)
-    if args.scale_figure:
-        return scale_figure(args.scale_figure, results, read_mechanism(args.mechanism_json), args.split)
+    if args.gain_figure:
+        return gain_figure(args.gain_figure, results, [read_mechanism(p) for p in args.mechanism_json], args.split)
     if args.table:
         print(table(results, args.train_args, args.split))
         if not args.train_args:
-            print(*("\n" + t for t in scale_tables(results, args.split)), sep="\n")
+            print(*("\n" + t for t in setting_tables(results, args.split)), sep="\n")
         return None
     done = {identity(r["args"]) for r in results if "args" in r and split_of(r) == args.split}
     todo = [(row, seed) for row in args.rows for seed in (args.seeds or SEEDS[ROWS[row - 1][0]])
