@@ -5,6 +5,7 @@ on a 2-core CPU (the README's "Fresh machine" names the time measured), most of 
 end-to-end runs in their own processes: signals, torchrun, a checkpoint that has to learn.
 """
 import argparse
+import copy
 import functools
 import itertools
 import json
@@ -183,10 +184,23 @@ def test_saliency_module_sources_give_bool_patches():
         saliency.Saliency("imagenet")
 
 
-def test_self_saliency_takes_no_gradient():
+def test_saliency_builds_no_graph_for_any_source(resnet50_weights, monkeypatch):
+    """Saliency only chooses patches: its maps are computed without autograd, whatever needs
+    a gradient around it (the views, the model's own encoder), so they cost no graph memory
+    and no gradient reaches the encoder through them."""
+    grad_enabled, patch_scores = [], saliency.patch_scores
+    monkeypatch.setattr(saliency, "patch_scores",
+                        lambda *a: grad_enabled.append((torch.is_grad_enabled(), a[0].requires_grad)) or patch_scores(*a))
+    views = torch.randn(2, 3, 32, 32, requires_grad=True)
     encoder = TinyEncoder()
-    saliency.Saliency("self", 5)(torch.randn(2, 3, 32, 32), encoder=encoder)
-    assert encoder.conv.weight.grad is None
+    fg = saliency.Saliency("self", 5)(views, encoder=encoder)
+    saliency.Saliency("spectral", 5)(views)
+    saliency.Saliency("pretrained", 5, weights=str(resnet50_weights), input_size=64)(views)
+    sal = saliency.Saliency("spectral", 5)
+    sal.from_map(sal.saliency_map(views))
+    assert grad_enabled == [(False, False)] * 4 and not sal.saliency_map(views).requires_grad
+    encoder.feature_map(views).sum().backward()
+    assert fg.dtype == torch.bool and encoder.conv.weight.grad is not None   # the encoder itself can learn
 
 
 @pytest.fixture(scope="module")
@@ -369,9 +383,9 @@ def test_random_mask_counts_and_uniformity():
     assert torch.allclose(many.double().mean(0), torch.full((25,), 0.2, dtype=torch.float64), atol=0.015)
 
 
-def test_sample_ratios_stay_in_range_and_reject_bad_ranges():
+def test_sample_ratios_are_uniform_draws_of_the_range_and_reject_bad_ranges():
     r = masking.sample_ratios(10000, 0.05, 0.25, torch.Generator().manual_seed(0))
-    assert r.min() >= 0.05 and r.max() < 0.25 and abs(float(r.mean()) - 0.15) < 0.005
+    assert torch.equal(r, 0.05 + 0.2 * torch.rand(10000, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="low <= high"):
         masking.sample_ratios(4, 0.7, 0.4)
     with pytest.raises(ValueError, match="0 <= low"):
@@ -389,12 +403,20 @@ def test_patch_to_pixel_mask_on_odd_sizes():
             assert torch.equal(pixels[:, y, x], mask[:, patch])
 
 
-def test_high_pass_removes_flat_colour_and_keeps_edges():
+def test_high_pass_is_the_image_minus_its_gaussian_blur_exactly():
+    """x - gaussian_blur(x): on one bright pixel, 1 - w0^2 there and -w0 w1, -w1^2 beside it
+    (w: the normalised 1-D Gaussian, kernel 11, sigma 5), written from the formula by hand."""
     flat = torch.full((2, 3, 32, 32), 0.7)
     assert masking.high_pass(flat, 11, 5.0).abs().max() < 1e-5
-    edge = torch.zeros(1, 1, 32, 32)
-    edge[..., 16:] = 1.0
-    assert masking.high_pass(edge, 11, 5.0).abs().max() > 0.2
+    dot = torch.zeros(1, 1, 15, 15)
+    dot[..., 7, 7] = 1.0
+    w = torch.exp(-torch.arange(-5.0, 6.0) ** 2 / (2 * 5.0 ** 2))
+    w = w / w.sum()
+    out = masking.high_pass(dot, 11, 5.0)[0, 0]
+    torch.testing.assert_close(out[7, 7], 1 - w[5] ** 2)
+    torch.testing.assert_close(out[7, 8], -w[5] * w[6])
+    torch.testing.assert_close(out[6, 8], -w[6] * w[6])
+    torch.testing.assert_close(out[7, 12], -w[5] * w[10])
 
 
 def test_scaled_kernel_keeps_the_release_values_at_224_and_stays_odd():
@@ -674,11 +696,14 @@ def test_nt_xent_matches_a_direct_computation_with_m_extra_logits(M):
     assert float(got) == pytest.approx(np.mean(expected), rel=1e-5)
 
 
-def test_byol_loss_is_two_minus_two_cosine():
-    p, z = torch.randn(6, 8), torch.randn(6, 8)
+def test_byol_loss_is_two_minus_two_cosine_with_no_gradient_to_the_target():
+    p, z = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
     cos = F.cosine_similarity(p, z, dim=1)
-    assert float(losses.byol_loss(p, z)) == pytest.approx(float((2 - 2 * cos).mean()), rel=1e-6)
-    assert float(losses.byol_loss(z * 3, z)) == pytest.approx(0.0, abs=1e-6)
+    loss = losses.byol_loss(p, z)
+    assert float(loss.detach()) == pytest.approx(float((2 - 2 * cos).detach().mean()), rel=1e-6)
+    assert float(losses.byol_loss(z * 3, z).detach()) == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    assert z.grad is None and p.grad is not None and p.grad.abs().sum() > 0
 
 
 # ============================================================================ models.py
@@ -996,20 +1021,82 @@ def test_byol_refuses_hard_negatives():
 
 
 @pytest.mark.parametrize("name", ["moco", "simclr", "byol"])
-def test_frameworks_run_under_bf16_autocast_and_channels_last(name):
+def test_frameworks_under_bf16_autocast_and_channels_last_give_the_float32_loss(name):
     model = make_framework(name).train().to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(model)                                       # the same weights and queue, in float32
     views = [torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
     hard = None if name == "byol" else torch.randn(4, 1, 3, 16, 16)
+    torch.manual_seed(2)                                              # the same Shuffle-BN permutation
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = model(*views, hard)
+    torch.manual_seed(2)
+    reference, _ = twin(*views, hard)
     loss.backward()
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert loss.dtype == torch.float32 and float(loss) == pytest.approx(float(reference), rel=0.03)
     bn_out = model.backbone.trunk.bn1(views[0].new_empty(4, 64, 8, 8).normal_().contiguous(
         memory_format=torch.channels_last))
     assert bn_out.is_contiguous(memory_format=torch.channels_last)    # SplitBN keeps the layout
 
 
-# ============================================================================ data.py, shapes.py
+@pytest.mark.parametrize("name", ["moco", "simclr"])
+def test_each_framework_hands_its_loss_its_own_temperature_alpha_queue_and_hard_negatives(name, monkeypatch):
+    """The functions of losses.py are pinned to their formulas; this pins the frameworks'
+    calls: a swapped temperature and alpha passed every other test."""
+    import inspect
+    real = {"moco": losses.info_nce, "simclr": losses.nt_xent}[name]
+    calls = []
+    monkeypatch.setattr(models, real.__name__, lambda *a, **k: calls.append(
+        inspect.signature(real).bind(*a, **k).arguments) or real(*a, **k))
+    torch.manual_seed(0)
+    encoder = models.ResNetEncoder("resnet18", cifar_stem=True, bn_splits=2)
+    model = (models.MoCo(encoder, dim=16, queue_size=32, momentum=0.9, temperature=0.07, alpha=3.0) if name == "moco"
+             else models.SimCLR(encoder, dim=16, temperature=0.07, alpha=3.0)).train()
+    queue = model.queue.clone() if name == "moco" else None
+    model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 2, 3, 16, 16))
+    (bound,) = calls
+    assert bound["temperature"] == 0.07 and bound["alpha"] == 3.0
+    assert bound["hard_negatives"].shape == (4, 2, 16) and not bound["hard_negatives"].requires_grad
+    if name == "moco":
+        assert bound["queue"] is model.queue and torch.equal(queue[4:], model.queue[4:])   # only 4 new keys
+
+
+def test_moco_enqueues_its_keys_and_moves_the_key_encoder_towards_the_query_encoder():
+    """After a step the newest queue rows are this step's keys (not its queries, not its hard
+    negatives), and the key encoder is m key + (1 - m) query while the query encoder is as it was."""
+    torch.manual_seed(0)
+    moco = models.MoCo(models.ResNetEncoder("resnet18", cifar_stem=True, bn_splits=1), dim=8, queue_size=16,
+                       momentum=0.9, temperature=0.2, alpha=2.0).train()
+    k_before = [p.clone() for p in moco.encoder_k.parameters()]
+    q_before = [p.clone() for p in moco.encoder_q.parameters()]
+    query, key = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    moco(query, key, torch.randn(4, 1, 3, 16, 16))
+    for new, old, q, q_now in zip(moco.encoder_k.parameters(), k_before, q_before, moco.encoder_q.parameters()):
+        assert torch.equal(q_now, q)
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * q, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        keys = moco.key_network(key)                                  # one BatchNorm group: order does not matter
+    torch.testing.assert_close(moco.queue[:4], keys, rtol=1e-4, atol=1e-5)
+    assert int(moco.queue_ptr) == 4
+
+
+def test_byol_target_follows_by_momentum_and_gets_no_gradient():
+    torch.manual_seed(0)
+    byol = models.BYOL(models.ResNetEncoder("resnet18", cifar_stem=True, bn_splits=2), hidden_dim=32, dim=16,
+                       momentum=0.9).train()
+    before = {name: p.clone() for name, p in byol.named_parameters()}
+    loss, _ = byol(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    loss.backward()
+    for name, p in byol.named_parameters():
+        if name.startswith("target_"):
+            online = before[name.removeprefix("target_")]
+            assert p.grad is None and not p.requires_grad
+            torch.testing.assert_close(p, 0.9 * before[name] + 0.1 * online, rtol=0, atol=1e-6)
+        else:
+            assert p.grad is not None
+    assert all(torch.equal(p, before[n]) for n, p in byol.named_parameters() if not n.startswith("target_"))
+
+
+
 
 def test_moco_key_pass_reused_for_saliency_gives_the_same_loss():
     torch.manual_seed(0)
@@ -1582,6 +1669,53 @@ def test_knn_and_linear_probe_on_separable_and_random_features():
 
 # ============================================================================ train.py
 
+def wired_views(tmp_path, *flags):
+    """make_views on two different batches of shapes as view 1 and view 2 (no augmentation,
+    the blur fill and no filter, so that what went where is visible), mask ratios fixed at
+    0.5: `(view1, view2, masks1, masks2, query, key, negatives, figures)`."""
+    args = config.parse_args(["--saliency", "gt", "--strategy", "blur", "--batch-size", "16", "--bn-splits", "2",
+                              "--queue-size", "64", "--device", "cpu", "--mask-ratio", "0.5", "0.5",
+                              "--hard-negative-ratio", "0.5", "0.5", "--out", str(tmp_path / "r"), *flags])
+    parts = train.build(args, steps_per_epoch=1)
+    parts.augment = None                                              # as --augment torchvision hands them over
+    (images1, masks1, labels), (images2, masks2, _) = (shapes.make_shapes(16, 32, seed=s) for s in (4, 5))
+    view1, view2 = images1.float() / 255, images2.float() / 255
+    torch.manual_seed(0)
+    query, key, negatives, _, figures = train.make_views(args, (view1, view2, masks1, masks2, labels), parts)
+    return view1, view2, masks1, masks2, query, key, negatives, figures
+
+
+def patches_of(pixel_mask, grid=7, size=32):
+    """The patch mask `[B, N]` whose pixels `pixel_mask` `[B, 1, H, W]` covers, read at each patch's centre."""
+    centres = (torch.arange(grid) * size // grid + size // (2 * grid))
+    return pixel_mask[:, 0][:, centres][:, :, centres].flatten(1)
+
+
+def test_make_views_masks_view_one_in_balance_and_makes_hard_negatives_of_the_key(tmp_path):
+    """The method's wiring, pinned: the query is view 1 with its own foreground and background
+    masked in proportion (round(r |FG|) foreground patches, floor(r N) in all); the key is view
+    2 untouched; the hard negative is view 2 with round(r |FG|) of view 2's foreground patches
+    masked, and nothing else. A swap of query and key, hard negatives from the query's view or
+    saliency, background masked in the hard negative, or random masking in place of balanced
+    masking each fails here."""
+    view1, view2, masks1, masks2, query, key, negatives, figures = wired_views(tmp_path)
+    fg1, fg2 = saliency.gt_foreground_patches(masks1, 7), saliency.gt_foreground_patches(masks2, 7)
+    assert torch.equal(figures["fg"], fg1) and torch.equal(key, view2)
+    kept = ~figures["query_mask"].expand_as(query)
+    assert torch.equal(query[kept], view1[kept]) and not torch.equal(query, view1)
+    masked = patches_of(figures["query_mask"])
+    assert torch.equal((masked & fg1).sum(1), torch.round(0.5 * fg1.sum(1)).long())    # balanced, image by image
+    assert (masked.sum(1) == 24).all()                                 # floor(0.5 * 49)
+    negative = negatives[:, 0]
+    changed = (negative != view2).any(1, keepdim=True)                # the blur differs from every pixel here
+    assert negatives.shape == (16, 1, 3, 32, 32) and torch.equal(patches_of(changed) & ~fg2,
+                                                                 torch.zeros_like(fg2))
+    assert torch.equal(patches_of(changed).sum(1), torch.round(0.5 * fg2.sum(1)).long())
+    assert torch.equal(negative[~changed.expand_as(negative)], view2[~changed.expand_as(view2)])
+    *_, random_figures = wired_views(tmp_path, "--masking", "random", "--num-hard-negatives", "0")
+    assert random_figures["fg"] is None                               # the ablation: no saliency at all
+
+
 def run_train(tmp_path, *extra, out="run"):
     argv = ["--shapes-size", "128", "64", "--image-size", "32", "--stem", "imagenet", "--batch-size", "32",
             "--bn-splits", "2", "--queue-size", "64", "--workers", "0", "--log-every", "0",
@@ -1602,7 +1736,10 @@ def test_shapes_departs_from_the_paper_only_in_its_documented_defaults(tmp_path)
     assert (cifar.crop_scale, cifar.warmup_epochs, cifar.alpha) == ([0.2, 1.0], 0.0, 1.0)   # small: alpha 1
     large = parse("--dataset", "imagefolder")
     assert (large.crop_scale, large.warmup_epochs, large.alpha, large.image_size) == ([0.2, 1.0], 0.0, 2.0, 224)
-    assert parse("--dataset", "stl10").alpha == 1.0 and parse("--dataset", "stl10", "--image-size", "128").alpha == 2.0
+    # the recipe follows the data, not the view size (STL-10 at 128 px took the paper's, CIFAR at 128 px refused)
+    assert parse("--dataset", "stl10").alpha == parse("--dataset", "stl10", "--image-size", "128").alpha == 1.0
+    assert parse("--dataset", "cifar10", "--image-size", "128").queue_size == 4096
+    assert (parse("--dataset", "imagefolder", "--image-size", "64").queue_size, large.queue_size) == (65536, 65536)
     assert parse("--alpha", "2").alpha == 2.0 and parse("--alpha", "0").alpha == 0.0    # a given value wins
 
 
@@ -1615,6 +1752,28 @@ def test_shapes_keeps_its_recipe_at_every_view_size(tmp_path):
         return {name: value for name, value in args.items() if name != "image_size"}
     assert recipe(144) == recipe(96) == recipe(32)
     assert (recipe(144)["queue_size"], recipe(144)["lr"], recipe(144)["alpha"]) == (4096, 0.06, 1.0)
+
+
+def test_a_default_queue_longer_than_the_training_set_is_capped_and_the_run_resumes(tmp_path, capsys):
+    """An image folder of 12 images got the paper's queue of 65,536 keys and refused to start
+    (so did the README's shapes JPEG folder of 1,300): a default queue is capped at the most
+    whole batches the training set holds, with a note, the same on resume."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / "folder" / split / f"c{c}").mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (40, 36), (100 * c, 20 * i, 50)).save(tmp_path / "folder" / split / f"c{c}" / f"{i}.png")
+    argv = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--image-size", "32", "--batch-size",
+            "4", "--epochs", "2", "--workers", "0", "--device", "cpu", "--log-every", "0", "--out", str(tmp_path / "r")]
+    train.main([*argv, "--max-steps", "1"])
+    out = capsys.readouterr().out
+    assert "note: the recipe's queue of 65536 keys is longer than the 12 training images; it holds 12" in out
+    assert json.loads((tmp_path / "r" / "args.json").read_text())["queue_size"] == 12
+    assert train.main([*argv, "--resume", "auto"])["step"] == 6                     # the same cap: the same run
+    with pytest.raises(SystemExit) as stop:                                          # asked for: refused
+        train.main([*argv, "--queue-size", "16", "--out", str(tmp_path / "asked")])
+    assert stop.value.code == 2 and "--queue-size 16 is larger than the 12 training images" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("before,after", [(50.0, 30.0), (30.0, 50.0)])
@@ -2681,8 +2840,9 @@ def test_study_identifies_a_run_by_every_resolved_flag(tmp_path, monkeypatch, ca
 
 def test_study_pairs_balanced_and_random_masking_by_seed_at_each_object_scale(tmp_path, capsys, monkeypatch):
     """gains_by_scale: balanced minus random kNN for the seeds that ran both, per scale (a
-    default-scale record from before the flag counts as the default); --table adds a table
-    per smaller scale; --scale-figure draws them beside the mechanism."""
+    default-scale record from before the flag counts as the default); the same pairs at other
+    query mask ratios; --table adds a table per smaller scale and per ratio; --gain-figure
+    draws the gains against the mechanism's tail."""
     def record(row, seed, knn, scale=(0.08, 0.15)):
         return {**study_record(row, seed, shapes_object_scale=list(scale), image_size=study.SCALES[scale]),
                 "knn_top1": knn}
@@ -2690,6 +2850,10 @@ def test_study_pairs_balanced_and_random_masking_by_seed_at_each_object_scale(tm
                record(5, 2, 99.0),                                     # no random run with seed 2: unpaired
                record(4, 1, 41.0), record(3, 0, 57.0, (0.25, 0.45)), record(4, 0, 58.0, (0.25, 0.45))]
     del records[-1]["args"]["shapes_object_scale"]                      # run before the flag existed
+    records += [{**study_record(row, 0, mask_ratio=[0.25, 0.5]), "knn_top1": knn} for row, knn in ((6, 40.0), (8, 43.5))]
+    assert study.paired_gains(records, study.ratio_flags((0.25, 0.5)), study.FILL_ROWS["blur"]) == {
+        "spectral": [], "gt": [3.5]}
+    assert study.paired_gains(records, [], study.FILL_ROWS["blur"]) == {"spectral": [], "gt": []}
     gains = study.gains_by_scale(records)
     assert gains == {(0.25, 0.45): {"spectral": [1.0], "gt": []}, (0.08, 0.15): {"spectral": [-1.0], "gt": [5.0, 4.0]}}
     (tmp_path / "r.json").write_text(json.dumps(records))
@@ -2697,30 +2861,35 @@ def test_study_pairs_balanced_and_random_masking_by_seed_at_each_object_scale(tm
     out = capsys.readouterr().out
     assert "objects of radius 0.08-0.15 of the side" in out and "| 5 | moco | + balanced masking (gt oracle), hp | " \
         "63.3 ± 30.9 |" in out and "0.15-0.25" not in out
+    assert "query mask ratio 0.25-0.5 (--mask-ratio 0.25 0.5):" in out and "| 8 | moco | + balanced masking (gt " \
+        "oracle), blur | 43.5 |" in out and "query mask ratio 0.5-0.75" not in out
     mechanism = {"scales": [{"object_scale": list(scale), "shares": {name: {"over_half": 1.0} for name in (
         "random", "balanced, spectral saliency", "balanced, true foreground (gt)")}} for scale in study.MECHANISM_SCALES]}
+    mechanism["scales"].append({**mechanism["scales"][0], "strategy": "blur", "mask_ratio": [0.25, 0.5], "grid": 7,
+                                "std_factor": 0.6})
+    assert study.tails([mechanism])[((0.25, 0.45), "blur", (0.25, 0.5))]["random"] == 1.0
     (tmp_path / "m.json").write_text(json.dumps(mechanism))
-    study.main(["--scale-figure", str(tmp_path / "scale.png"), "--results", str(tmp_path / "r.json"),
+    study.main(["--gain-figure", str(tmp_path / "gain.png"), "--results", str(tmp_path / "r.json"),
                 "--mechanism-json", str(tmp_path / "m.json")])
     from PIL import Image
-    assert Image.open(tmp_path / "scale.png").size == (1200, 480) and sorted(os.listdir(tmp_path)) == [
-        "m.json", "r.json", "scale.png"]
+    assert Image.open(tmp_path / "gain.png").size == (1430, 605) and sorted(os.listdir(tmp_path)) == [
+        "gain.png", "m.json", "r.json"]
     with pytest.raises(SystemExit) as stop:
-        study.main(["--scale-figure", str(tmp_path / "s.png"), "--mechanism-json", str(tmp_path / "none.json")])
+        study.main(["--gain-figure", str(tmp_path / "s.png"), "--mechanism-json", str(tmp_path / "none.json")])
     assert stop.value.code == 2 and "python study.py --mechanism" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:                           # refused before minutes of measuring
         study.main(["--mechanism", "--mechanism-json", "/proc/mechanism.json"])
     assert stop.value.code == 2 and "cannot write there" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)              # a machine without it
     with pytest.raises(SystemExit) as stop:
-        study.main(["--scale-figure", str(tmp_path / "s.png"), "--results", str(tmp_path / "r.json"),
+        study.main(["--gain-figure", str(tmp_path / "s.png"), "--results", str(tmp_path / "r.json"),
                     "--mechanism-json", str(tmp_path / "m.json")])
     assert stop.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
 
 
 def test_study_refuses_unusable_records_and_pictures_it_cannot_write_in_one_line(tmp_path, capsys):
     """--table on a record with a missing, null or string figure, commit or seed was a
-    traceback; a seed recorded twice showed as '± 0.0, seeds 0, 0, 0'; --scale-figure on an
+    traceback; a seed recorded twice showed as '± 0.0, seeds 0, 0, 0'; --gain-figure on an
     empty or foreign mechanism file, into a folder or a missing one, and --figure DIR too."""
     good = [study_record(1, 0), study_record(1, 1)]
     for field, value in (("knn_top1", None), ("knn_top1", "51"), ("commit", None), ("seed", "0"), ("linear_top1", True)):
@@ -2739,12 +2908,12 @@ def test_study_refuses_unusable_records_and_pictures_it_cannot_write_in_one_line
     assert "| 50.5 ± 0.7 | 60.0 ± 0.0 | 20.5 ± 0.7 | 0, 1 |" in capsys.readouterr().out   # each seed once
     (tmp_path / "empty.json").write_text("{}")
     (tmp_path / "none.json").write_text('{"scales": []}')
-    for argv, message in ((["--scale-figure", str(tmp_path / "s.png"), "--mechanism-json", str(tmp_path / "empty.json")],
+    for argv, message in ((["--gain-figure", str(tmp_path / "s.png"), "--mechanism-json", str(tmp_path / "empty.json")],
                            "not --mechanism's"),
-                          (["--scale-figure", str(tmp_path / "s.png"), "--mechanism-json", str(tmp_path / "none.json")],
+                          (["--gain-figure", str(tmp_path / "s.png"), "--mechanism-json", str(tmp_path / "none.json")],
                            "not --mechanism's"),
-                          (["--scale-figure", str(tmp_path)], "cannot write a picture there"),
-                          (["--scale-figure", str(tmp_path / "no" / "s.png")], "cannot write a picture there"),
+                          (["--gain-figure", str(tmp_path)], "cannot write a picture there"),
+                          (["--gain-figure", str(tmp_path / "no" / "s.png")], "cannot write a picture there"),
                           (["--figure", str(tmp_path)], "cannot write a picture there")):
         with pytest.raises(SystemExit) as stop:
             study.main([*argv, "--results", str(tmp_path / "r.json")])
@@ -2780,7 +2949,7 @@ def test_balanced_masking_with_true_foreground_tightens_how_much_object_a_query_
     random, gt = shares["random"], shares["balanced, true foreground (gt)"]
     assert 5 <= gt["median"] <= 25                                    # r ~ U(0.05, 0.25) of the object
     assert gt["p99"] < random["p99"] and gt["over_half"] <= random["over_half"]
-    assert quality["true foreground (gt)"] == {"iou": 100.0, "precision": 100.0}
+    assert quality["true foreground (gt)"] == {"foreground": pytest.approx(23, abs=3), "iou": 100.0, "precision": 100.0}
     # Small objects: a random mask hides over half of one far more often; SCDA from a local network
     from torchvision.models import resnet18
     net = resnet18()
