@@ -2,7 +2,8 @@
 
 SPEC.md section 2. A saliency map `[B, h, w]` is average-pooled to `g x g` patch scores,
 and a patch is foreground when its score is at least `mean - 0.6 * std` of its image's
-scores. Four sources of saliency, chosen with `--saliency` in train.py:
+scores (the factor is train.py's `--fg-std-factor`). Four sources of saliency, chosen with
+`--saliency` in train.py:
 
     pretrained  SCDA on a frozen supervised ResNet: ImageNet's ResNet-50 (the paper), or any
                 torchvision ResNet state_dict (--saliency-weights)
@@ -27,7 +28,12 @@ from torch import nn
 # ----------------------------------------------------------------------------- pure functions
 
 def scda_saliency(feature_map):
-    """SCDA saliency: channel sum of a non-negative feature map. `[B, C, h, w] -> [B, h, w]`."""
+    """SCDA saliency: channel sum of a non-negative feature map. `[B, C, h, w] -> [B, h, w]`.
+
+    Only SCDA's first step (Wei et al., 2017), as the paper's released code takes it: SCDA
+    itself thresholds the map at its mean and keeps the largest connected component; the
+    release and this project pool the map to patches and keep those at or above
+    mean - 0.6 std (`foreground_patches`, its factor `--fg-std-factor`), with no component step."""
     return feature_map.clamp_min(0).sum(1)
 
 
