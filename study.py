@@ -297,6 +297,7 @@ def gain_figure(path, results, mechanism_results, split="test"):
     tail = tails(mechanism_results)
     measured = [(label, key, flags, rows) for label, key, flags, rows in settings() if key in tail]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+    labelled = set()                                                 # one label per setting: its gt point's
     for name, marker, colour, shift in (("gt", "o", "tab:green", 1.0), ("spectral", "s", "tab:orange", 1.15)):
         points = [(tail[key]["random"] * shift, gains[name], label) for label, key, flags, rows in measured   # apart
                   for gains in [paired_gains(results, flags, rows, split)] if gains[name]]
@@ -308,8 +309,9 @@ def gain_figure(path, results, mechanism_results, split="test"):
         left.errorbar(x, mean, yerr=std, fmt=marker, color=colour, capsize=4, ms=7,
                       label=f"balanced ({'true foreground' if name == 'gt' else 'spectral saliency'}) - random")
         for xi, yi, g, label in zip(x, mean, gains, labels):
-            left.annotate(f"{label} (n={len(g)})", (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=8,
-                          color=colour)
+            if label not in labelled:
+                labelled.add(label)
+                left.annotate(f"{label} (n={len(g)})", (xi, yi), textcoords="offset points", xytext=(8, 4), fontsize=8)
     left.axhline(0, color="grey", lw=0.8)
     left.set_xscale("log")
     left.set(xlim=(0.01, 150), xlabel="views whose random query mask hides over half of the object (%, log scale)",

@@ -1032,7 +1032,7 @@ def test_frameworks_under_bf16_autocast_and_channels_last_give_the_float32_loss(
     torch.manual_seed(2)
     reference, _ = twin(*views, hard)
     loss.backward()
-    assert loss.dtype == torch.float32 and float(loss) == pytest.approx(float(reference), rel=0.03)
+    assert loss.dtype == torch.float32 and float(loss.detach()) == pytest.approx(float(reference.detach()), rel=0.03)
     bn_out = model.backbone.trunk.bn1(views[0].new_empty(4, 64, 8, 8).normal_().contiguous(
         memory_format=torch.channels_last))
     assert bn_out.is_contiguous(memory_format=torch.channels_last)    # SplitBN keeps the layout
