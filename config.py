@@ -150,18 +150,18 @@ def parse_args(argv=None, prog="train.py"):
 
 def fill_defaults(args):
     """Defaults per dataset. Image folders: the paper's recipe (SPEC.md section 5). CIFAR,
-    STL-10 and shapes: MoCo's CIFAR single-GPU recipe, at any view size. shapes: a demo sized for 15 minutes on 2 CPU cores,
-    with a warm-up epoch; without one MoCo collapses while its queue still holds random
-    vectors (positive similarity 0.98 after 24 steps, measured; see the README). Its crops keep
-    at least 85 % of the image, not MoCo v2's 20 %: a shape covers 20-64 % of a 32 px image,
-    and crops of a fifth of it can leave view pairs that share background but not the object.
-    With 20 % the default run ends 6 kNN points below its random-init encoder. Its hard
-    negative enters the loss as an ordinary negative (alpha 1, not the paper's 2), and so it
-    does for every dataset of the small recipe: on 32 px shapes a hard negative is little
-    more than a noisier key, and with alpha 2 at tau 0.1 its one term takes most of the
-    softmax denominator (88 %, the 4,096 queue negatives 11 %). With alpha 2 the run ends 13
-    kNN points below alpha 1 over seeds 0-2 (study rows 9-10); nothing measured at 32-96 px
-    says otherwise, so image folders alone keep the paper's 2."""
+    STL-10 and shapes: MoCo's CIFAR single-GPU recipe, at any view size. shapes: a demo sized
+    for 15 minutes on 2 CPU cores, with a warm-up epoch; without one MoCo collapses while its
+    queue still holds random vectors (positive similarity 0.98 after 24 steps, measured; see
+    the README). Its crops keep at least 85 % of the image, not MoCo v2's 20 %: a shape covers
+    20-64 % of a 32 px image, and crops of a fifth of it can leave view pairs that share
+    background but not the object. With 20 % the default run ends 6 kNN points below its
+    random-init encoder. Its hard negative enters the loss as an ordinary negative (alpha 1,
+    not the paper's 2), and so it does for every dataset of the small recipe: on 32 px shapes a
+    hard negative is little more than a noisier key, and with alpha 2 at tau 0.1 its one term
+    takes most of the softmax denominator (88 %, the 4,096 queue negatives 11 %). With alpha 2
+    the run ends 13 kNN points below alpha 1 over seeds 0-2 (study rows 9-10); nothing
+    measured at 32-96 px says otherwise, so image folders alone keep the paper's 2."""
     def default(name, value):                      # an explicit value is kept, then checked: never replaced
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -117,9 +117,8 @@ def code_commit():
 # Checkpoints are read with weights_only=True: tensors, numbers, strings, containers, and these
 # numpy globals, which rebuild an array's data and nothing else (checkpoints written before
 # numpy's random state was saved as a tensor hold it as an array). Nothing a file names runs.
-NUMPY_ARRAYS = [getattr(np, "_core", None) and np._core.multiarray._reconstruct, np.ndarray, np.dtype,
-                type(np.dtype(np.uint32))]
-NUMPY_ARRAYS = [g for g in NUMPY_ARRAYS if g is not None]
+NUMPY_ARRAYS = [(np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct, np.ndarray, np.dtype,
+                type(np.dtype(np.uint32))]                            # numpy 2 moved its core to _core
 
 
 class CheckpointError(Exception):
