@@ -17,10 +17,10 @@ import masking
 import models
 import runs
 import saliency
+import shapes
 
 LARGE_DATASETS = ("imagefolder",)   # ImageNet-like folders get the paper's recipe; the rest MoCo's CIFAR one
 MAX_IMAGE_SIZE = 1024   # views larger than this (20000 px) ran out of memory in a traceback
-MIN_RADIUS_PX = 2       # a shapes object smaller than this has no pixel of its own
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # The two recipes, for the flags left out (SPEC.md section 5), chosen by what the data is, not
@@ -248,10 +248,11 @@ def check_args(p, args):
     lo, hi = args.shapes_object_scale
     if not 0 < lo <= hi <= 0.5:
         p.error(f"--shapes-object-scale {lo} {hi}: need 0 < LO <= HI <= 0.5 (a radius of half the side fills it)")
-    if args.dataset == "shapes" and args.image_size >= 8 and lo * args.image_size < MIN_RADIUS_PX:   # 0.001: no pixel
+    least = shapes.MIN_RADIUS_PX                                      # 0.001 drew objects of no pixel
+    if args.dataset == "shapes" and args.image_size >= 8 and lo * args.image_size < least:
         p.error(f"--shapes-object-scale {lo} {hi}: at --image-size {args.image_size} an object's radius would be "
-                f"{lo * args.image_size:.2g} px; need LO >= {MIN_RADIUS_PX / args.image_size:.3g} ({MIN_RADIUS_PX} px) "
-                f"or a larger --image-size")
+                f"{lo * args.image_size:.2g} px; need LO >= {least / args.image_size:.3g} ({least} px) or a larger "
+                f"--image-size")
     if args.shapes_twins and args.dataset != "shapes":
         p.error(f"--shapes-twins with --dataset {args.dataset}: only shapes draws its images twice; drop the flag")
     if args.shapes_cache and args.dataset != "shapes":

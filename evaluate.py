@@ -358,9 +358,10 @@ def main(argv=None):
     lo, hi = args.shapes_object_scale
     if not 0 < lo <= hi <= 0.5:
         runs.fail(f"--shapes-object-scale {lo} {hi}: need 0 < LO <= HI <= 0.5 (a radius of half the side fills it)")
-    if args.supervised and lo * (args.image_size or 32) < 2:          # config.MIN_RADIUS_PX: objects of no pixel
+    if args.supervised and lo * (args.image_size or 32) < shapes.MIN_RADIUS_PX:   # objects of no pixel
         runs.fail(f"--shapes-object-scale {lo} {hi}: at {args.image_size or 32} px an object's radius would be "
-                  f"{lo * (args.image_size or 32):.2g} px; need at least 2 px (a larger LO or --image-size)")
+                  f"{lo * (args.image_size or 32):.2g} px; need at least {shapes.MIN_RADIUS_PX} px (a larger LO "
+                  f"or --image-size)")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:

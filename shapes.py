@@ -35,6 +35,7 @@ PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.9, 0.8, 0.1], [0.3, 0.8, 0.3],
                         [0.2, 0.7, 0.9], [0.4, 0.3, 0.9], [0.9, 0.4, 0.8]])
 SHAPES_SEEDS = {"train": 0, "test": 1, "val": 2}   # three independent draws: disjoint splits
 MAX_SIDE = 4096                  # the JPEG folder's largest side (a 30000 px image takes tens of GB to draw)
+MIN_RADIUS_PX = 2                # an object's smallest radius in pixels (0.001 of 32 px drew objects of no pixel)
 
 
 # ----------------------------------------------------------------------------- in memory
@@ -102,7 +103,7 @@ def _kept(folder, num_images, image_size, seed, object_scale, chunk):
             try:
                 return _checked(torch.load(path, mmap=True, weights_only=True), num_images, image_size)
             except Exception as error:                            # truncated, empty, foreign: draw it again
-                print(f"warning: {path} is damaged ({type(error).__name__}: {str(error).splitlines()[0][:80]}); "
+                print(f"warning: {path} is damaged ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:80]}); "
                       f"drawing the images again and replacing it", file=sys.stderr)
         drawn = _draw(*key)
         try:                                      # through a file object: a full disk is an OSError
