@@ -376,7 +376,9 @@ class BatchedMoCoV2:
     draws its own crop (a share `crop_scale` of the area, ratio (3/4, 4/3)), flip, jitter,
     grayscale and blur sigma. Differences from torchvision, for speed: the crop and flip are
     one bilinear `grid_sample` (no antialiasing), the jitter is applied in a fixed order
-    (brightness, contrast, saturation, hue) and hue is a rotation of the YIQ chroma plane.
+    (brightness, contrast, saturation, hue) and hue is a rotation of the YIQ chroma plane
+    (it keeps luma; torchvision's HSV turn does not). What each op moves spreads as in
+    torchvision's pipeline, and a test holds it there (results/README.md, departures).
     `geometry=False` (`--augment split`): the loader already cropped and flipped each view
     (CroppedViews), so only the colour half runs here (`photometric`).
     """
