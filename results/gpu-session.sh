@@ -1,5 +1,6 @@
 #!/bin/bash
 # The GPU measurements, each part one call of at most 10 minutes on an H100 or H200:
+#     OUT=/tmp/gpu bash results/gpu-session.sh default    # `python train.py` end to end, stopped once, resumed (3-5 min)
 #     OUT=/tmp/gpu bash results/gpu-session.sh            # speed: ResNet-18, eager, compiled, CUDA graphs
 #     OUT=/tmp/gpu bash results/gpu-session.sh recipe     # the paper's recipe end to end (about 5 minutes)
 #     OUT=/tmp/gpu bash results/gpu-session.sh study      # the object-scale study (144, 96, 56 px; 8 min)
@@ -20,6 +21,22 @@ bench() {   # NAME SECONDS FLAGS...: bench.py with bf16 and the host synchronisa
     timeout "$limit" python3 bench.py --amp bf16 --sync-debug --json "$OUT/$name.json" "$@" 2>&1 | say
     echo "$name: $((SECONDS - start)) s" | say
 }
+if [ "$PART" = default ]; then  # the README's default run on the GPU: SIGTERM after 45 s, then --resume auto
+    # to the end; the GPU's peak memory in use (the whole device, CUDA context included) sampled every 0.5 s.
+    # DEVICE and DEFAULT_FLAGS let the same steps run on a CPU (DEVICE=cpu DEFAULT_FLAGS="--epochs 1 ...").
+    out=runs/gpu-default start=$SECONDS
+    rm -rf "$out"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/memory.txt" 2>/dev/null &
+    sampler=$!
+    timeout -s TERM 45 python3 train.py --device "${DEVICE:-cuda}" --out "$out" $DEFAULT_FLAGS 2>&1 | say
+    echo "stopped by SIGTERM after $((SECONDS - start)) s; last.pt: $(ls "$out"/last.pt 2>&1)" | say
+    timeout 400 python3 train.py --device "${DEVICE:-cuda}" --out "$out" --resume auto $DEFAULT_FLAGS 2>&1 | say
+    echo "default run, stopped and resumed: $((SECONDS - start)) s; exit ${PIPESTATUS[0]}" | say
+    kill $sampler 2>/dev/null
+    echo "peak GPU memory in use: $(sort -n "$OUT/memory.txt" 2>/dev/null | tail -1) MiB" | say
+    cp "$out"/metrics.jsonl "$OUT/" 2>/dev/null
+    exit 0
+fi
 if [ "$PART" = recipe ]; then  # the paper's recipe end to end: ResNet-50, 224 px, batch 128, JPEGs at
     # ImageNet's sizes written here, SCDA from a ResNet-50, the hard negative, hp, the split loader
     start=$SECONDS
