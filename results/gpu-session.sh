@@ -23,7 +23,7 @@ bench() {   # NAME SECONDS FLAGS...: bench.py with bf16 and the host synchronisa
 }
 if [ "$PART" = default ]; then  # the README's default run on the GPU: SIGTERM after 45 s, then --resume auto
     # to the end; the GPU's peak memory in use (the whole device, CUDA context included) sampled every 0.5 s.
-    # DEVICE and DEFAULT_FLAGS let the same steps run on a CPU (DEVICE=cpu DEFAULT_FLAGS="--epochs 1 ...").
+    # DEVICE and DEFAULT_FLAGS let the same steps run on a CPU (tried with DEVICE=cpu DEFAULT_FLAGS="--epochs 2").
     out=runs/gpu-default start=$SECONDS
     rm -rf "$out"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/memory.txt" 2>/dev/null &
